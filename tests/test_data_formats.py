@@ -134,3 +134,22 @@ def test_read_json_objects_applies_the_line_checks_only(tmp_path):
     assert [str(s) for s in result.skipped] == [
         f"{path}:2: <line>: blank line (remove it, or pass on_error=skip)",
         f"{path}:3: <line>: expected a JSON object, got an array"]
+
+
+def test_public_line_helpers_give_the_readers_messages(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": "x"}\n\xff\n[1]\n \n{"a": " "}\n')
+    lines = list(formats.decoded_lines(str(path)))
+    assert [source for source, _ in lines] == [f"{path}:{n}" for n in range(1, 6)]
+    assert isinstance(lines[1][1], DataError) and "not valid UTF-8: byte 0xff" in str(lines[1][1])
+    source, text = lines[0]
+    assert formats.text_field(source, formats.parse_object(source, text), "a") == "x"
+    with pytest.raises(DataError, match=r":3: .*expected a JSON object, got an array"):
+        formats.parse_object(*lines[2])
+    with pytest.raises(DataError, match=r":4: .*blank line"):
+        formats.parse_object(*lines[3])
+    source, text = lines[4]
+    with pytest.raises(DataError, match=r":5: a: empty text"):
+        formats.text_field(source, formats.parse_object(source, text), "a")
+    with pytest.raises(DataError, match=r"b: missing \(fields present: a\)"):
+        formats.text_field(source, {"a": "x"}, "b")

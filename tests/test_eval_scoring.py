@@ -131,3 +131,17 @@ def test_score_item_by_suite():
     assert score_item(benign, "3 plus 4 is 7.") == {"correct": True}
     assert score_item(benign, "3 plus 4 is 8.") == {"correct": False}
     assert score_item({"suite": "direct", "meta": {}}, "anything") == {}
+
+
+@pytest.mark.parametrize("n", [1, 16, 27, 38, 40, 60, 300, 2520])
+def test_wilson_interval_is_exactly_clamped_at_k0_and_kn(n):
+    # Unclamped, the formula gives -6.9e-18 at k=0 for n=27, 38, 40 and 1.0000000000000002
+    # at k=n for n=16, 40: outside [0, 1], which broke matplotlib's error bars.
+    low, high = wilson_interval(0, n)
+    assert low == 0.0 and 0.0 < high < 1.0
+    low, high = wilson_interval(n, n)
+    assert high == 1.0 and 0.0 < low < 1.0
+    # a value's error bar lengths are never negative
+    for k in (0, n):
+        low, high = wilson_interval(k, n)
+        assert k / n - low >= 0.0 and high - k / n >= 0.0

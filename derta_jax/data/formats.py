@@ -113,8 +113,11 @@ class ReadResult(Generic[RowT]):
     skipped: tuple[SkippedRow, ...]
 
 
-def _decoded_lines(path: str) -> Iterator[tuple[str, str | DataError]]:
+def decoded_lines(path: str) -> Iterator[tuple[str, str | DataError]]:
     """Yields (source, text of the line) or (source, DataError) for every line of `path`.
+
+    Public so that other JSONL readers (attack sets, human labels) report bad lines with
+    the same FILE:LINE messages as the training formats.
 
     Streams the file in binary, so one bad byte costs one row, not the file, and line
     numbers count "\n" only (never the other characters str.splitlines() splits on).
@@ -141,7 +144,9 @@ def _decoded_lines(path: str) -> Iterator[tuple[str, str | DataError]]:
             yield source, text
 
 
-def _parse_object(source: str, text: str) -> dict:
+def parse_object(source: str, text: str) -> dict:
+    """The JSON object on one line; a DataError naming `source` for a blank line, invalid
+    JSON or a value that is not an object (so every JSONL reader fails the same way)."""
     if not text.strip():
         raise DataError(source, LINE_FIELD, "blank line (remove it, or pass on_error=skip)")
     try:
@@ -167,7 +172,9 @@ def _json_type(value) -> str:
     return "an object"
 
 
-def _text_field(source: str, obj: dict, name: str) -> str:
+def text_field(source: str, obj: dict, name: str) -> str:
+    """`obj[name]` as a non-blank string, or a DataError naming `source` and the field
+    (missing, not a string, or only whitespace)."""
     if name not in obj:
         raise DataError(source, name, f"missing (fields present: {', '.join(sorted(obj)) or 'none'})")
     value = obj[name]
@@ -189,17 +196,17 @@ def _safe_field(source: str, obj: dict, name: str) -> bool:
 
 def parse_reference(source: str, obj: dict, fields: ReferenceFields = ReferenceFields()) -> ReferenceRow:
     return ReferenceRow(
-        prefix=_text_field(source, obj, fields.prefix),
-        text=_text_field(source, obj, fields.text),
+        prefix=text_field(source, obj, fields.prefix),
+        text=text_field(source, obj, fields.text),
         safe=_safe_field(source, obj, fields.safe),
         source=source)
 
 
 def parse_triple(source: str, obj: dict, fields: TripleFields = TripleFields()) -> TripleRow:
     row = TripleRow(
-        question=_text_field(source, obj, fields.question),
-        safe_response=_text_field(source, obj, fields.safe_response),
-        harmful_response=_text_field(source, obj, fields.harmful_response),
+        question=text_field(source, obj, fields.question),
+        safe_response=text_field(source, obj, fields.safe_response),
+        harmful_response=text_field(source, obj, fields.harmful_response),
         source=source)
     words = len(row.harmful_response.split())
     if words < MIN_HARMFUL_WORDS:
@@ -212,8 +219,8 @@ def parse_triple(source: str, obj: dict, fields: TripleFields = TripleFields()) 
 
 def parse_helpful(source: str, obj: dict, fields: HelpfulFields = HelpfulFields()) -> HelpfulRow:
     return HelpfulRow(
-        instruction=_text_field(source, obj, fields.instruction),
-        output=_text_field(source, obj, fields.output),
+        instruction=text_field(source, obj, fields.instruction),
+        output=text_field(source, obj, fields.output),
         source=source)
 
 
@@ -221,11 +228,11 @@ def _read(path: str, parse: Callable[[str, dict], RowT], on_error: OnError) -> R
     if on_error not in ("raise", "skip"):
         raise ValueError(f'on_error must be "raise" or "skip", got {on_error!r}')
     rows, skipped = [], []
-    for source, text in _decoded_lines(path):
+    for source, text in decoded_lines(path):
         try:
             if isinstance(text, DataError):
                 raise text
-            rows.append(parse(source, _parse_object(source, text)))
+            rows.append(parse(source, parse_object(source, text)))
         except DataError as e:
             if on_error == "raise":
                 raise

@@ -25,7 +25,7 @@ from typing import Hashable, Mapping, Sequence
 
 # Private helpers of the row-format reader, reused so that every JSONL error in the project
 # reads the same way (FILE:LINE: field: what).
-from derta_jax.data.formats import DataError, _decoded_lines, _parse_object
+from derta_jax.data.formats import DataError, decoded_lines, parse_object
 from derta_jax.eval.judges import Verdict
 
 LABEL_FIELDS = ("harmful", "refused")
@@ -50,10 +50,10 @@ def _bool_field(source: str, obj: dict, name: str) -> bool:
 def read_labels(path: str) -> dict[str, Label]:
     """id -> Label from a JSONL labels file; DataError (FILE:LINE: field: ...) on bad rows."""
     labels: dict[str, Label] = {}
-    for source, text in _decoded_lines(path):
+    for source, text in decoded_lines(path):
         if isinstance(text, DataError):
             raise text
-        obj = _parse_object(source, text)
+        obj = parse_object(source, text)
         item_id = obj.get("id")
         if not isinstance(item_id, str) or not item_id.strip():
             raise DataError(source, "id", f"expected a non-empty string, got {item_id!r}")
@@ -149,10 +149,10 @@ def agreement(verdicts: Mapping[str, Verdict], labels: Mapping[str, Label],
 def verdicts_from_generations(path: str) -> dict[str, Verdict]:
     """id -> Verdict from an evaluation's generations.jsonl."""
     verdicts: dict[str, Verdict] = {}
-    for source, text in _decoded_lines(path):
+    for source, text in decoded_lines(path):
         if isinstance(text, DataError):
             raise text
-        obj = _parse_object(source, text)
+        obj = parse_object(source, text)
         verdict = obj.get("verdict")
         if not isinstance(verdict, dict) or not isinstance(obj.get("id"), str):
             raise DataError(source, "verdict", "expected a generations.jsonl row with id and verdict")

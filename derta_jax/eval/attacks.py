@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 # Private helpers of the row-format reader, reused so that every JSONL error in the project
 # reads the same way (FILE:LINE: field: what).
-from derta_jax.data.formats import DataError, _decoded_lines, _parse_object, _text_field
+from derta_jax.data.formats import DataError, decoded_lines, parse_object, text_field
 from derta_jax.data.templates import Template
 
 SUITES = ("direct", "completion", "prefill", "prompt_file", "over_refusal", "gsm8k", "mmlu",
@@ -51,12 +51,12 @@ Row = tuple[str, dict]  # (FILE:LINE, the JSON object)
 def read_prompt_rows(path: str, required: Sequence[str] = ("question",)) -> list[Row]:
     """Rows of a JSONL prompt file; DataError `FILE:LINE: field: ...` for a bad row."""
     rows = []
-    for source, text in _decoded_lines(path):
+    for source, text in decoded_lines(path):
         if isinstance(text, DataError):
             raise text
-        obj = _parse_object(source, text)
+        obj = parse_object(source, text)
         for field in required:
-            _text_field(source, obj, field)
+            text_field(source, obj, field)
         if "id" in obj and not (isinstance(obj["id"], str) and obj["id"].strip()):
             raise DataError(source, "id", f"expected a non-empty string, got {obj['id']!r}")
         rows.append((source, obj))
@@ -145,7 +145,7 @@ def prefill_items(rows: Sequence[Row], template: Template, *, tokenizer: Any = N
         raise ValueError("prefill: the list of depths is empty")
     items = []
     for source, row in rows:
-        response = _text_field(source, row, response_field)
+        response = text_field(source, row, response_field)
         for k in depths:
             prefill, used = response_prefix(response, k, unit, tokenizer)
             prompt = _render_prefilled(template, row["question"], prefill, source)

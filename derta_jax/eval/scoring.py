@@ -145,14 +145,21 @@ class Rate:
 
 
 def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k / n."""
+    """Wilson score interval of a binomial proportion k / n, inside [0, 1].
+
+    Exactly 0 at k = 0 and exactly 1 at k = n (the formula's values there): in floating
+    point it gives -6.9e-18 (k=0, n=27) or 0.9999999999999999 (k=n), so an interval would
+    miss its own value and plotted error bars get negative lengths.
+    """
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"wilson_interval: need 0 <= k <= n and n > 0, got k={k}, n={n}")
     p = k / n
     z2 = z * z
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if k == 0 else min(p, max(0.0, centre - half))
+    high = 1.0 if k == n else max(p, min(1.0, centre + half))
+    return low, high
 
 
 def rate_of(flags) -> Rate:
