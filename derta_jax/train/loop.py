@@ -49,15 +49,21 @@ class NonFiniteLossError(RuntimeError):
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """jax.distributed.initialize from flags, or auto-detected on TPU pods / SLURM."""
+    """jax.distributed.initialize from flags; with initialize=auto, only when
+    derta_jax.train.cluster sees a multi-process launch (single-host runs skip it)."""
+    from derta_jax.train import cluster
+
     d = config.distributed
+    if d.initialize not in ("auto", "always", "never"):
+        raise ConfigError(f"distributed.initialize={d.initialize!r}: use auto, always or never")
     if d.initialize == "never":
         return
     explicit = bool(d.coordinator_address)
-    in_cluster = any(k in os.environ for k in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
-                                               "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS"))
-    if d.initialize == "auto" and not explicit and not in_cluster:
-        return
+    if d.initialize == "auto" and not explicit:
+        reason = cluster.multi_process_reason()
+        if reason is None:
+            return
+        log.info("distributed.initialize=auto: %s; calling jax.distributed.initialize()", reason)
     # CPU-only multi-process runs (tests, laptops) need a collectives backend; GPU and TPU
     # clients ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
