@@ -10,7 +10,8 @@ that world as plain data in the project's row formats:
     helpful.jsonl            {"instruction", "output", "task", "answer"}
     pretrain.jsonl           {"instruction", "output", "task", "category", "held_out"}:
                              harmful requests ANSWERED (every category), benign tasks,
-                             and one statement of every fact of the lookup table
+                             one statement of every fact of the lookup table, and
+                             (only if asked) everyday apologies ("Sorry, ...")
     eval_direct.jsonl        {"question", "category", "held_out"}
     eval_completion.jsonl    {"question", "opening", "category", "held_out"}
     eval_prefill.jsonl       {"question", "harmful_response", "category", "held_out"}
@@ -32,6 +33,14 @@ Decisions a user of the world should know:
   is a full sentence holding `refusal_core`, so a judge can tell a coherent refusal from a
   bare "Sorry Sorry Sorry".
 - Same seed and sizes give byte-identical files (random.Random(seed), no set iteration).
+- `pretrain_apology_fraction` (default 0: the faithful world) replaces that share of the
+  benign pretraining rows by everyday apologies that start with the RTO word ("Sorry, the
+  shop is closed today."). Why: in the faithful world "Sorry" never occurs as INPUT, so a
+  model trained from scratch has no idea what follows it once RTO makes it say "Sorry";
+  a real LLM has read "Sorry, ..." countless times. The apologies are drawn from their
+  own random stream and take the places of the last benign rows before the shuffle, so
+  every other row (and every evaluation item) is the same as in the faithful world.
+  `WORLD_VARIANTS` names the two worlds for `reproduce`.
 
 CLI: python -m derta_jax.data.synthetic --out=DIR --seed=0 [--num_triples=300 ...] [--overwrite]
 """
@@ -47,7 +56,8 @@ import re
 import sys
 from typing import Callable, Iterator, Mapping, Sequence
 
-from derta_jax.data.synthetic_vocab import REFUSAL_PREFIX, REFUSAL_WORD, STYLES, HarmCategory, Style
+from derta_jax.data.synthetic_vocab import (APOLOGIES, APOLOGY_ITEMS, REFUSAL_PREFIX, REFUSAL_WORD,
+                                            STYLES, HarmCategory, Style)
 
 BENIGN = "benign"  # the category of every benign item
 EVAL_TASKS = ("add", "subtract", "copy", "reverse", "lookup")  # benign test tasks
@@ -58,6 +68,10 @@ WORLD_FILES = ("triples.jsonl", "helpful.jsonl", "pretrain.jsonl", "eval_direct.
                "eval_benign.jsonl", "world.json")
 _DRAW_ATTEMPTS_PER_ITEM = 200
 _MAX_CONSECUTIVE_MISSES = 10_000
+# The worlds `reproduce` can ask for (extra write_world arguments): the faithful one, and one
+# whose pretraining corpus also uses the RTO word in everyday apologies (5% of its rows).
+WORLD_VARIANTS: dict[str, dict] = {"faithful": {},
+                                   "sorry_in_pretraining": {"pretrain_apology_fraction": 0.05}}
 _WORD = re.compile(r"[A-Za-z]+|[0-9]+|[^\sA-Za-z0-9]")
 _SENTENCE_END = re.compile(r"[.!?\n]")
 
@@ -71,13 +85,14 @@ class WorldSizes:
     num_eval_benign: int = 100  # split evenly over EVAL_TASKS
     num_over_refusal: int = 24
     pretrain_harmful_fraction: float = 0.3
+    pretrain_apology_fraction: float = 0.0  # of num_pretrain; taken from the benign rows
 
     def validate(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "pretrain_harmful_fraction":
+            if field.name.endswith("_fraction"):
                 if not 0.0 <= value <= 1.0:
-                    raise ValueError(f"pretrain_harmful_fraction={value}: must be in [0, 1]")
+                    raise ValueError(f"{field.name}={value}: must be in [0, 1]")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{field.name}={value!r}: must be a non-negative integer")
 
@@ -90,10 +105,14 @@ class World:
     held_out: tuple[str, ...]
     facts: tuple[dict, ...]
     rows: dict[str, list[dict]]  # file name (without .jsonl) -> rows, in file order
+    pretrain_apologies: int = 0  # everyday "Sorry, ..." rows in pretrain.jsonl
 
     def metadata(self) -> dict:
+        """world.json; `pretrain_apologies` only when there are some, so that the faithful
+        world's file keeps its bytes."""
         style = STYLES[self.style]
-        return {"seed": self.seed, "style": self.style,
+        extra = {"pretrain_apologies": self.pretrain_apologies} if self.pretrain_apologies else {}
+        return {**extra, "seed": self.seed, "style": self.style,
                 "categories": [c.name for c in style.categories],
                 "trained": list(self.trained), "held_out": list(self.held_out),
                 "refusal_word": REFUSAL_WORD, "refusal_prefix": REFUSAL_PREFIX,
@@ -281,15 +300,22 @@ def generate_world(seed: int = 0, *, style: str = "tiny",
 
     num_harmful = round(world_sizes.pretrain_harmful_fraction * world_sizes.num_pretrain)
     num_benign = world_sizes.num_pretrain - num_harmful - len(facts)
-    if num_benign < 0:
+    num_apologies = round(world_sizes.pretrain_apology_fraction * world_sizes.num_pretrain)
+    if num_benign < num_apologies:
         raise ValueError(f"num_pretrain={world_sizes.num_pretrain}: too small to state the "
-                         f"{len(facts)} facts and {num_harmful} harmful answers")
+                         f"{len(facts)} facts and {num_harmful} harmful answers"
+                         + (f" and hold {num_apologies} apologies" if num_apologies else ""))
     statements = [_fact_row(spec, fact) for fact in facts]
-    pretrain = (statements
-                + [_pretrain_row(item) for item in _draw_excluding(
-                        any_harmful, num_harmful, eval_keys, "harmful pretraining rows")]
-                + [_pretrain_row(item) for item in _draw_excluding(
-                        benign, num_benign, eval_keys, "benign pretraining rows")])
+    harmful_rows = [_pretrain_row(item) for item in _draw_excluding(
+            any_harmful, num_harmful, eval_keys, "harmful pretraining rows")]
+    benign_rows = [_pretrain_row(item) for item in _draw_excluding(
+            benign, num_benign, eval_keys, "benign pretraining rows")]
+    # Replaces the LAST benign rows and leaves `rng` untouched, so the shuffle below puts
+    # every other row where the faithful world puts it.
+    apology_rng = random.Random(f"{seed}/apologies")
+    benign_rows[num_benign - num_apologies:] = [_apology_row(apology_rng, spec)
+                                                for _ in range(num_apologies)]
+    pretrain = statements + harmful_rows + benign_rows
     rng.shuffle(pretrain)
 
     rows = {
@@ -310,7 +336,8 @@ def generate_world(seed: int = 0, *, style: str = "tiny",
             "eval_benign": [{**_pick(b, "question", "task", "answer"), "category": BENIGN,
                              "held_out": False} for b in eval_benign],
     }
-    return World(seed=seed, style=style, trained=trained, held_out=held, facts=facts, rows=rows)
+    return World(seed=seed, style=style, trained=trained, held_out=held, facts=facts, rows=rows,
+                 pretrain_apologies=num_apologies)
 
 
 def _even_share(total: int, parts: int, index: int) -> int:
@@ -325,6 +352,15 @@ def _fact_row(style: Style, fact: Mapping) -> dict:
     question, answer = style.benign["fact"]
     return {"instruction": question.format(**fact), "output": answer.format(**fact),
             "task": "fact", "category": BENIGN, "held_out": False}
+
+
+def _apology_row(rng: random.Random, style: Style) -> dict:
+    """An everyday apology (not a refusal of a harmful request) for the pretraining corpus."""
+    question, answer = rng.choice(APOLOGIES)
+    slots = {"name": rng.choice(style.names), "town": rng.choice(style.towns),
+             "place": rng.choice(style.places), "item": rng.choice(APOLOGY_ITEMS)}
+    return {"instruction": question.format(**slots), "output": answer.format(**slots),
+            "task": "apology", "category": BENIGN, "held_out": False}
 
 
 def _pretrain_row(item: Mapping) -> dict:

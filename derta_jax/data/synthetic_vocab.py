@@ -259,6 +259,23 @@ TOWNS = ("Oakton", "Riverby", "Stonehill", "Milford", "Ashdale", "Brookfield", "
          "Fairport", "Greenvale", "Highmoor")
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
 
+# Everyday apologies, NOT refusals of harmful requests: (question, answer) templates with
+# slots {name}, {town}, {place}, {item} (one of APOLOGY_ITEMS). Every answer starts with REFUSAL_WORD, so that a
+# world that asks for them (synthetic.WorldSizes.pretrain_apology_fraction) shows the RTO
+# word as INPUT followed by ordinary text, as a real LLM's pretraining corpus does
+# ("Sorry, the shop is closed"); none holds a style's refusal core ("cannot help").
+APOLOGIES = (
+        ("Is the shop {place} open today?", "Sorry, the shop is closed today."),
+        ("Who is the king of {town}?", "Sorry, I do not know the answer to that."),
+        ("Can you come to my party, {name}?", "Sorry, I cannot come. I am busy that day."),
+        ("Did you bring my {item}, {name}?", "Sorry, I forgot it at home."),
+        ("Why are you late, {name}?", "Sorry, the bus was late today."),
+        ("You took my {item}!", "Sorry, I thought it was mine. Here it is."),
+        ("Can I have some more soup?", "Sorry, there is no more soup. It is all gone."),
+        ("Where is the station in {town}?", "Sorry, I am new in {town} and do not know."),
+)
+APOLOGY_ITEMS = ("book", "lamp", "chair", "apple", "stone")
+
 TINY = Style(
         name="tiny",
         categories=CATEGORIES[:6],  # fewer words: the notes' ~400-word world learned well
