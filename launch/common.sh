@@ -89,12 +89,12 @@ check_overrides() {
 }
 
 # train_argv CONFIG WORKDIR [OVERRIDE...]: sets TRAIN_ARGV to the trainer's arguments (after
-# the python binary). distributed.initialize=always makes every host call
-# jax.distributed.initialize(), which finds its peers itself (TPU metadata server, GKE
-# environment, SLURM environment); the user's overrides come last, so they win.
+# the python binary). The trainer's distributed.initialize=auto calls
+# jax.distributed.initialize() when it sees several processes (a TPU VM slice's metadata,
+# the GKE/megascale environment, an srun step with several tasks) and skips it on one host;
+# the user's overrides come last, so they win.
 train_argv() {
-  TRAIN_ARGV=(-m derta_jax.train "--config=$1" "--config.workdir=$2"
-    --config.distributed.initialize=always "${@:3}")
+  TRAIN_ARGV=(-m derta_jax.train "--config=$1" "--config.workdir=$2" "${@:3}")
 }
 
 # train_command PYTHON CONFIG WORKDIR [OVERRIDE...]: the trainer command as one string for a

@@ -3,8 +3,8 @@
 #
 # Why xpk: on GKE a multi-host TPU slice (and several slices) is a JobSet with one pod per
 # host; xpk writes that JobSet, builds the container and queues it in Kueue. Each pod runs
-# the same `python -m derta_jax.train`; jax.distributed.initialize() reads the TPU worker
-# and megascale environment that GKE sets. With --max_restarts the JobSet restarts after a
+# the same `python -m derta_jax.train`; the trainer sees the TPU worker and megascale
+# environment that GKE sets and calls jax.distributed.initialize(), which reads it. With --max_restarts the JobSet restarts after a
 # preemption and the trainer resumes from the last checkpoint in the gs:// workdir.
 #
 # The container is either --docker_image (prebuilt: dependencies and code in its workdir) or,

@@ -35,8 +35,10 @@ OVERRIDES = [
     '--config.model.rope_scaling_json={"factor": 8.0}',
     "--config.train.micro_batches=8",
 ]
+# No --config.distributed.initialize: the trainer's auto-detection (derta_jax.train.cluster)
+# finds multi-host launches itself.
 TRAINER_ARGS = ["-m", "derta_jax.train", f"--config={CONFIG}", f"--config.workdir={WORKDIR}",
-                "--config.distributed.initialize=always", *OVERRIDES]
+                *OVERRIDES]
 TPU_FLAGS = ["--name=derta-v5p", "--zone=us-east5-a", "--project=my-proj",
              "--accelerator_type=v5p-64", f"--config={CONFIG}", f"--workdir={WORKDIR}"]
 XPK_FLAGS = ["--cluster=my-cluster", "--workload=derta-m7b", "--tpu_type=v5p-64",
@@ -171,7 +173,7 @@ def test_tpu_vm_queued_spot_repo_detach(tmp_path):
     assert "nohup" in train and train.endswith("> ~/derta_train.log 2>&1 &")
     foreground = train.replace("nohup ", "").replace(" < /dev/null > ~/derta_train.log 2>&1 &", "")
     (trainer_argv,) = run_remote(foreground, tmp_path)
-    assert trainer_argv[1:] == [*TRAINER_ARGS[:5], OVERRIDES[0]]
+    assert trainer_argv[1:] == [*TRAINER_ARGS[:-len(OVERRIDES)], OVERRIDES[0]]
 
 
 @pytest.mark.parametrize("accel,version", [("v6e-8", "v2-alpha-tpuv6e"),
@@ -323,7 +325,7 @@ def test_xpk_dry_run_prebuilt_image(tmp_path):
     assert "--docker-image=gcr.io/my-proj/derta:1" in xpk
     assert not any(a.startswith(("--base-docker-image", "--script-dir")) for a in xpk)
     (trainer,) = run_remote(flag_value(xpk, "--command"), tmp_path)
-    assert trainer[1:] == TRAINER_ARGS[:5]
+    assert trainer[1:] == TRAINER_ARGS[:-len(OVERRIDES)]
 
 
 @pytest.mark.parametrize("flag", ["--cluster", "--workload", "--tpu_type", "--config", "--workdir"])
