@@ -136,6 +136,10 @@ def test_uninterrupted_run_writes_everything(baseline):
     steps = sorted(int(p.name) for p in (baseline / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 4, 6]
     assert list((baseline / "tensorboard").iterdir()), "no TensorBoard event file"
+    tail = json.loads((baseline / "summary.json").read_text())["tail_mean_metrics"]
+    logged = losses(baseline)  # 6 logs: the last 10% of steps is 1 log, so the last 5
+    assert (tail["first_step"], tail["last_step"], tail["logs"]) == (2, STEPS, 5)
+    assert tail["metrics"]["loss"] == pytest.approx(np.mean([logged[s] for s in range(2, 7)]))
 
 
 def test_one_device_matches_eight(baseline, tmp_path):

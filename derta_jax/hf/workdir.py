@@ -13,17 +13,24 @@ read, and the trainer writes workdirs that `export` must read. One module owns t
 
 `params` is a plain nested dict of arrays keyed like the NNX module tree (layer indices as
 ints), in the layout the model config says (stacked when scan_layers=True).
+
+A workdir may be a local path or a URI (`gs://bucket/run`, also s3://, az://): every path
+goes through etils.epath (`resolve`), never os.path.abspath or open(), which would turn
+`gs://b/r` into the local directory `$PWD/gs:/b/r`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+import tempfile
+from typing import Any, Iterator, Optional, Union
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from derta_jax.models.config import ModelConfig
 
@@ -34,30 +41,79 @@ CHECKPOINTS_DIR = "checkpoints"
 PARAMS_ITEM = "params"
 
 
-def checkpoints_path(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+PathLike = Union[str, os.PathLike]
 
 
-def hf_files_path(workdir: str) -> str:
-    return os.path.join(workdir, HF_FILES_DIR)
+def is_remote(workdir: PathLike) -> bool:
+    """A URI (gs://, s3://, ...) rather than a local path."""
+    return "://" in os.fspath(workdir)
 
 
-def write_model_config(workdir: str, config: ModelConfig) -> str:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+def resolve(workdir: PathLike) -> epath.Path:
+    """The workdir as an epath.Path: local paths made absolute (every process and the
+    resumed run agree on them), URIs kept as they are."""
+    text = os.fspath(workdir)
+    if not is_remote(text):
+        return epath.Path(os.path.abspath(text))
+    try:
+        return epath.Path(text)
+    except KeyError:
+        raise ValueError(f"workdir={text!r}: unsupported URI scheme; use a local path or "
+                         f"gs://, s3://, az://") from None
 
 
-def read_model_config(workdir: str) -> ModelConfig:
-    path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    if not os.path.isfile(path):
+@contextlib.contextmanager
+def staged(directory: PathLike) -> Iterator[str]:
+    """A local directory for code that only writes local files (tokenizers' save_pretrained,
+    shutil): `directory` itself when local; else a temporary one whose files are copied
+    into `directory` on exit."""
+    target = resolve(directory)
+    if not is_remote(target):
+        target.mkdir(parents=True, exist_ok=True)
+        yield os.fspath(target)
+        return
+    with tempfile.TemporaryDirectory(prefix="derta_jax_stage_") as local:
+        yield local
+        copy_tree(local, target)
+
+
+def copy_tree(src: PathLike, dst: PathLike) -> list[str]:
+    """Copies the files under `src` into `dst` (either side local or remote), overwriting;
+    returns the relative paths copied."""
+    src, dst = epath.Path(src), epath.Path(dst)
+    copied = []
+    for root, _, files in src.walk():
+        root = epath.Path(root)
+        for name in sorted(files):
+            rel = os.path.relpath(os.fspath(root / name), os.fspath(src))
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).copy(dst / rel, overwrite=True)
+            copied.append(rel)
+    return copied
+
+
+def checkpoints_path(workdir: PathLike) -> str:
+    return os.fspath(resolve(workdir) / CHECKPOINTS_DIR)
+
+
+def hf_files_path(workdir: PathLike) -> str:
+    return os.fspath(resolve(workdir) / HF_FILES_DIR)
+
+
+def write_model_config(workdir: PathLike, config: ModelConfig) -> str:
+    root = resolve(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / MODEL_CONFIG_FILE
+    path.write_text(json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
+    return os.fspath(path)
+
+
+def read_model_config(workdir: PathLike) -> ModelConfig:
+    path = resolve(workdir) / MODEL_CONFIG_FILE
+    if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; is {workdir} a derta_jax workdir "
                                 f"(written by derta_jax.convert or the trainer)?")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = json.loads(path.read_text())
     known = {field.name for field in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -83,8 +139,8 @@ def save_params(workdir: str, step: int, params: Any) -> None:
         manager.wait_until_finished()
 
 
-def latest_step(workdir: str) -> Optional[int]:
-    if not os.path.isdir(checkpoints_path(workdir)):
+def latest_step(workdir: PathLike) -> Optional[int]:
+    if not epath.Path(checkpoints_path(workdir)).is_dir():
         return None
     with checkpoint_manager(workdir, read_only=True) as manager:
         return manager.latest_step()

@@ -31,7 +31,8 @@ def main(argv):
     except (ConfigError, DataError, NonFiniteLossError) as err:  # the user's to fix: no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    fm = summary["final_metrics"]
+    tail = summary["tail_mean_metrics"]
+    fm = tail.get("metrics", {})
     print("\n=== derta_jax training summary ===")
     print(f"workdir      {summary['workdir']}")
     print(f"steps        {summary['steps']}/{summary['total_steps']}"
@@ -39,9 +40,12 @@ def main(argv):
           f" in {summary['seconds']:.0f} s")
     print(f"data         {summary['data']['rows']} rows, steps/epoch {summary['data']['steps_per_epoch']}, "
           f"non-pad {100 * summary['data']['non_pad_fraction']:.1f}%")
+    if fm:
+        print(f"mean of the last {tail['logs']} logged steps "
+              f"({tail['first_step']}-{tail['last_step']}):")
     for key in ("loss", "mle_loss", "rto_loss", "p_refusal", "tokens_per_sec", "mfu"):
         if key in fm:
-            print(f"{key:<12} {fm[key]:.4g}")
+            print(f"  {key:<12} {fm[key]:.4g}")
     if summary.get("loss_curve"):
         print(f"loss curve   {summary['loss_curve']}")
     print(f"export       python -m derta_jax.export --workdir={summary['workdir']} --out=HF_DIR")

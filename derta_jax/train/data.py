@@ -7,6 +7,10 @@ Sources, any combination:
     with a small BPE tokenizer trained on it and saved in the workdir.
 Rows are tokenised once into a cache keyed by everything that changes the tokens.
 Nothing is dropped silently: skipped and truncated rows go to workdir/data_report.json.
+
+Remote workdirs (gs://...): the token cache is memory-mapped and tokenizers load from local
+files, so the cache then defaults to a local directory (content-keyed, shared by runs) and
+the trained tokenizer is saved locally and copied to / from WORKDIR/tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Any
 
 import ml_collections
@@ -24,6 +29,8 @@ from derta_jax.data import formats, mixture, synthetic, templates, tokenize
 from derta_jax.data.pipeline import DataPipeline, LoaderConfig
 from derta_jax.data.token_cache import load_or_build_cache
 from derta_jax.data.tokenizer_builder import build_bpe_tokenizer, load_tokenizer, save_tokenizer
+from derta_jax.hf import workdir as layout
+from derta_jax.train.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +52,31 @@ def _synthetic_world(config: ml_collections.ConfigDict) -> synthetic.World:
                                     num_helpful=d.synthetic_helpful)
 
 
-def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, str]:
-    """The run's tokenizer and the directory it lives in (copied into exports)."""
+def local_cache_root(config: ml_collections.ConfigDict, workdir: layout.PathLike) -> str:
+    """data.cache_dir, else <workdir>/cache for a local workdir, else a local temp directory."""
+    d = config.data
+    if d.cache_dir:
+        if layout.is_remote(d.cache_dir):
+            raise ConfigError(f"data.cache_dir={d.cache_dir!r}: must be a local path (the token "
+                              f"cache is memory-mapped)")
+        return d.cache_dir
+    if layout.is_remote(workdir):
+        return os.path.join(tempfile.gettempdir(), "derta_jax", "token_cache")
+    return os.fspath(layout.resolve(workdir) / "cache")
+
+
+def load_or_train_tokenizer(config: ml_collections.ConfigDict,
+                            workdir: layout.PathLike) -> tuple[Any, str]:
+    """The run's tokenizer and the LOCAL directory it lives in (copied into exports)."""
     d = config.data
     if d.synthetic and not d.tokenizer:
-        directory = os.path.join(workdir, TOKENIZER_DIR)
-        if os.path.isfile(os.path.join(directory, "tokenizer.json")):
-            return load_tokenizer(directory), directory  # a resumed run keeps its tokenizer
+        stored = layout.resolve(workdir) / TOKENIZER_DIR
+        remote = layout.is_remote(stored)
+        directory = tempfile.mkdtemp(prefix="derta_jax_tokenizer_") if remote else os.fspath(stored)
+        if (stored / "tokenizer.json").is_file():  # a resumed run keeps its tokenizer
+            if remote:
+                layout.copy_tree(stored, directory)
+            return load_tokenizer(directory), directory
         world = _synthetic_world(config)
         required = synthetic.single_token_strings()
         # BPE may add the required words on top of its trained vocabulary: leave them room.
@@ -59,6 +84,8 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> 
                                   vocab_size=config.model.vocab_size - len(required),
                                   required_words=required)
         save_tokenizer(tok, directory)
+        if remote:
+            layout.copy_tree(directory, stored)
         return tok, directory
     directory = d.tokenizer or config.model.hf_dir
     if not directory:
@@ -110,7 +137,7 @@ def _examples_hash(examples) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_training_data(config: ml_collections.ConfigDict, workdir: str, *,
+def build_training_data(config: ml_collections.ConfigDict, workdir: layout.PathLike, *,
                         process_index: int, process_count: int) -> TrainingData:
     d = config.data
     tokenizer, tokenizer_dir = load_or_train_tokenizer(config, workdir)
@@ -128,7 +155,7 @@ def build_training_data(config: ml_collections.ConfigDict, workdir: str, *,
         reports.append(report)
         return rows
 
-    cache = load_or_build_cache(d.cache_dir or os.path.join(workdir, "cache"), key, make_rows)
+    cache = load_or_build_cache(local_cache_root(config, workdir), key, make_rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = LoaderConfig(seq_len=d.max_length, global_batch_size=config.train.batch_size,
                           num_epochs=max(config.train.num_epochs, 1), seed=d.shuffle_seed,

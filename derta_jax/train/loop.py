@@ -10,6 +10,9 @@
   5. the jitted step over the batches; metrics every log_every steps; async checkpoints
   6. final checkpoint, loss-curve PNG, one-screen summary
 
+The workdir may be local or a URI (gs://bucket/run): every path in it goes through
+etils.epath (derta_jax.hf.workdir.resolve); Orbax writes checkpoints there directly.
+
 Preemption: SIGTERM (and SIGINT) set a flag; the loop saves a checkpoint at the next step
 boundary and exits. SIGKILL loses only the steps after the last complete checkpoint.
 A non-finite loss stops the run before anything non-finite is saved.
@@ -31,13 +34,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from etils import epath
+
 from derta_jax import loss as derta
 from derta_jax.hf import workdir as layout
 from derta_jax.models.transformer import Transformer
 from derta_jax.train import checkpoint, flops, lora, mesh as mesh_lib
 from derta_jax.train.config import ConfigError, build_model_config, validate
 from derta_jax.train.data import build_training_data
-from derta_jax.train.metrics import MetricLogger, plot_loss_curve
+from derta_jax.train.metrics import MetricLogger, plot_loss_curve, tail_mean
 from derta_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from derta_jax.train.step import BATCH_KEYS, TrainState, make_train_step
 
@@ -82,18 +87,15 @@ def loss_config(config: ml_collections.ConfigDict) -> derta.LossConfig:
                             num_position_buckets=lo.num_position_buckets).validate()
 
 
-def _write_resolved_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
+def _write_resolved_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    path = workdir / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            if f.read() != text:
-                stamp = time.strftime("%Y%m%d-%H%M%S")
-                os.replace(path, os.path.join(workdir, f"config.{stamp}.json"))
-                log.warning("config differs from the one this workdir was started with; "
-                            "the old one is kept as config.%s.json", stamp)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    if path.exists() and path.read_text() != text:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path.rename(workdir / f"config.{stamp}.json")
+        log.warning("config differs from the one this workdir was started with; "
+                    "the old one is kept as config.%s.json", stamp)
+    path.write_text(text)
 
 
 def _abstract_model(model_cfg, seed: int, lora_settings: Optional[lora.LoraSettings] = None):
@@ -154,9 +156,12 @@ def run(config: ml_collections.ConfigDict) -> dict:
     validate(config, jax.device_count())
     if not config.workdir:
         raise ConfigError("workdir='': set --config.workdir=DIR (checkpoints, metrics, config)")
-    workdir = os.path.abspath(config.workdir)
+    try:
+        workdir = layout.resolve(config.workdir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
         _write_resolved_config(config, workdir)
 
@@ -182,15 +187,16 @@ def run(config: ml_collections.ConfigDict) -> dict:
                          f"epochs; raise num_epochs or lower max_steps")
     if is_main:
         layout.write_model_config(workdir, model_cfg)
-        with open(os.path.join(workdir, "data_report.json"), "w", encoding="utf-8") as f:
-            json.dump(data.report, f, indent=2, default=str)
+        (workdir / "data_report.json").write_text(json.dumps(data.report, indent=2, default=str))
         _copy_tokenizer(data.tokenizer_dir, workdir)
 
     # -- model, shardings, optimiser ---------------------------------------------------------
     mesh = mesh_lib.make_mesh(config.mesh)
     lora_settings = lora.LoraSettings.from_config(config.lora) if config.lora.enabled else None
     if lora_settings is not None and is_main:
-        lora.write_record(workdir, lora_settings, base_hf_dir=config.model.hf_dir, seed=config.seed)
+        with layout.staged(workdir) as local:  # lora.py writes local files
+            lora.write_record(local, lora_settings, base_hf_dir=config.model.hf_dir,
+                              seed=config.seed)
     graphdef, abstract_params, abstract_base, rest = _abstract_model(model_cfg, config.seed,
                                                                      lora_settings)
     param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh))
@@ -304,17 +310,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
         mngr.close()
         logger.close()
     summary = {
-        "workdir": workdir, "steps": step, "total_steps": total_steps,
+        "workdir": os.fspath(workdir), "steps": step, "total_steps": total_steps,
         "interrupted": stop.requested, "seconds": time.perf_counter() - t_start,
-        "final_metrics": {k: v for k, v in last_metrics.items()
-                          if isinstance(v, float) and math.isfinite(v)},
+        # one logged step is one noisy batch: the summary reports a mean over the run's tail
+        "tail_mean_metrics": tail_mean(logger.history),
+        "last_logged_metrics": {k: v for k, v in last_metrics.items()
+                                if isinstance(v, float) and math.isfinite(v)},
         "data": {k: data.report[k] for k in ("examples", "rows", "steps_per_epoch",
                                               "non_pad_fraction", "refusal_id")},
     }
     if is_main:
-        summary["loss_curve"] = plot_loss_curve(logger.history, os.path.join(workdir, "loss_curve.png"))
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, default=str)
+        summary["loss_curve"] = plot_loss_curve(logger.history, workdir / "loss_curve.png")
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
 
 
@@ -328,12 +335,13 @@ def _opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh):
                                  transform_non_params=lambda _: rep)
 
 
-def _copy_tokenizer(tokenizer_dir: str, workdir: str) -> None:
+def _copy_tokenizer(tokenizer_dir: str, workdir: epath.Path) -> None:
     """Keep the tokenizer files with the run, so export writes them next to the weights."""
     try:
         from derta_jax.hf.tokenizer_files import copy_tokenizer_files
     except ImportError:
         return
-    target = layout.hf_files_path(workdir)
-    if not os.path.isdir(target) or not os.listdir(target):
-        copy_tokenizer_files(tokenizer_dir, target)
+    target = epath.Path(layout.hf_files_path(workdir))
+    if not target.is_dir() or not any(target.iterdir()):
+        with layout.staged(target) as local:
+            copy_tokenizer_files(tokenizer_dir, local)

@@ -2,18 +2,31 @@
 
 Metrics arrive as device arrays from the step; they are pulled to the host only every
 `log_every` steps (one host sync per log, none inside the loop otherwise).
+
+Remote workdirs (gs://...): object stores have no append and tensorboardX writes local
+files, so metrics.jsonl and the event files are written in a local staging directory and
+copied into the workdir at most every `sync_every_s` seconds and at close.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
+
+from derta_jax.hf import workdir as layout
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -28,18 +41,29 @@ def _fmt_duration(seconds: float) -> str:
 class MetricLogger:
     """Writes every logged step to TensorBoard and metrics.jsonl, and prints a progress line."""
 
-    def __init__(self, workdir: str, total_steps: int, is_main: bool = True):
-        self.workdir, self.total_steps, self.is_main = workdir, total_steps, is_main
+    def __init__(self, workdir: layout.PathLike, total_steps: int, is_main: bool = True,
+                 sync_every_s: float = 60.0):
+        self.workdir = layout.resolve(workdir)
+        self.total_steps, self.is_main, self.sync_every_s = total_steps, is_main, sync_every_s
         self.history: list[dict] = []
         self._writer = None
         self._jsonl = None
+        self._stage: Optional[str] = None  # local staging directory of a remote workdir
         if is_main:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            local = os.fspath(self.workdir)
+            if layout.is_remote(self.workdir):
+                local = self._stage = tempfile.mkdtemp(prefix="derta_jax_metrics_")
+                remote_jsonl = self.workdir / METRICS_FILE
+                if remote_jsonl.exists():  # a resumed run appends to the earlier records
+                    remote_jsonl.copy(epath.Path(local) / METRICS_FILE)
+            os.makedirs(local, exist_ok=True)
+            self._writer = SummaryWriter(os.path.join(local, TENSORBOARD_DIR))
+            self._jsonl = open(os.path.join(local, METRICS_FILE), "a", encoding="utf-8")
         self._t0 = time.perf_counter()
         self._last_time, self._last_step = self._t0, None
+        self._last_sync = self._t0
 
     def log(self, step: int, metrics: Mapping[str, float], epoch: float, tokens: float) -> dict:
         """`metrics` already on the host; `tokens`: non-pad tokens since the last log."""
@@ -60,7 +84,19 @@ class MetricLogger:
             self._jsonl.write(json.dumps(row, sort_keys=True) + "\n")
             self._jsonl.flush()
             self._print(row)
+            if self._stage is not None and now - self._last_sync >= self.sync_every_s:
+                self.sync()
         return row
+
+    def sync(self) -> None:
+        """Flushes the writers; copies the staged files into a remote workdir."""
+        if self._writer is None:
+            return
+        self._writer.flush()
+        self._jsonl.flush()
+        if self._stage is not None:
+            layout.copy_tree(self._stage, self.workdir)
+        self._last_sync = time.perf_counter()
 
     def _print(self, row: dict) -> None:
         step, total = row["step"], self.total_steps
@@ -81,14 +117,19 @@ class MetricLogger:
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._jsonl.close()
+        if self._stage is not None:
+            layout.copy_tree(self._stage, self.workdir)
+            shutil.rmtree(self._stage, ignore_errors=True)
+        self._writer = self._jsonl = self._stage = None
 
 
-def plot_loss_curve(history: list[dict], path: str) -> Optional[str]:
-    """Loss, MLE and RTO loss against step, and P(refusal) by depth bucket; returns the path."""
+def plot_loss_curve(history: list[dict], path: layout.PathLike) -> Optional[str]:
+    """Loss, MLE and RTO loss against step, and P(refusal) by depth bucket; returns the path
+    (local or remote: the PNG is rendered in memory and written through epath)."""
     if not history:
         return None
     import matplotlib
@@ -118,6 +159,27 @@ def plot_loss_curve(history: list[dict], path: str) -> Optional[str]:
     if buckets:
         ax_p.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return path
+    epath.Path(path).write_bytes(png.getvalue())
+    return os.fspath(path)
+
+
+def tail_mean(history: Sequence[Mapping[str, float]], fraction: float = 0.1,
+              min_logs: int = 5) -> dict:
+    """Each metric's mean over the run's tail: the logs in the last `fraction` of the steps,
+    and at least the last `min_logs` logs (all of them when fewer). A single logged value
+    is one batch's, too noisy to summarise a run. -> {first_step, last_step, logs, metrics}."""
+    if not history:
+        return {}
+    last = history[-1]["step"]
+    in_window = sum(1 for row in history if row["step"] > last * (1.0 - fraction))
+    rows = list(history[-max(in_window, min_logs):])
+    keys = sorted({k for row in rows for k in row} - {"step", "epoch"})
+    means = {}
+    for key in keys:
+        values = [row[key] for row in rows if key in row and math.isfinite(row[key])]
+        if values:
+            means[key] = float(np.mean(values))
+    return {"first_step": rows[0]["step"], "last_step": last, "logs": len(rows), "metrics": means}

@@ -1,0 +1,148 @@
+"""Remote (gs://) workdirs: every file the trainer writes goes through etils.epath.
+
+No GCS here, so the `gcs` fsspec protocol (the one etils.epath dispatches gs:// paths to)
+is replaced by an in-memory filesystem: a gs:// workdir is then real URI handling end to
+end, and any local write to `$PWD/gs:/...` (os.path.abspath / open on the URI) would show
+up as a local directory. Orbax writes array data through tensorstore's own GCS driver,
+which fsspec cannot stand in for, so the run's checkpoint manager is pointed at a local
+directory; the test checks the path the trainer asked it to use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
+from fsspec.implementations.memory import MemoryFileSystem
+
+from derta_jax.hf import workdir as layout
+
+WORKDIR = "gs://bucket/run"
+
+
+class _FakeGCS(MemoryFileSystem):
+    protocol = ("gs", "gcs")
+    root_marker = ""
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    def __init__(self, *args, finalize_on_close=False, **kwargs):
+        del finalize_on_close  # gcsfs-only argument that etils passes
+        super().__init__(*args, **kwargs)
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch, tmp_path):
+    registry = importlib.import_module("fsspec.registry")  # the module, not its dict view
+    for name in ("gcs", "gs"):
+        monkeypatch.setitem(registry._registry, name, _FakeGCS)
+    monkeypatch.setattr(_FakeGCS, "store", {})
+    monkeypatch.setattr(_FakeGCS, "pseudo_dirs", [""])
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    monkeypatch.chdir(tmp_path)  # a local "gs:" directory would appear here
+    yield _FakeGCS.store
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_resolve_keeps_uris_and_absolutises_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert layout.checkpoints_path(WORKDIR) == "gs://bucket/run/checkpoints"
+    assert layout.hf_files_path("gs://bucket/run/") == "gs://bucket/run/hf_files"
+    assert os.fspath(layout.resolve("rel/run")) == str(tmp_path / "rel" / "run")
+    assert layout.is_remote(WORKDIR) and not layout.is_remote(tmp_path)
+    with pytest.raises(ValueError, match=r"workdir='ftp://x/y': unsupported URI scheme"):
+        layout.resolve("ftp://x/y")
+
+
+def test_staged_and_copy_tree_write_into_a_remote_directory(fake_gcs, tmp_path):
+    with layout.staged(WORKDIR + "/sub") as local:
+        assert not layout.is_remote(local)
+        os.makedirs(os.path.join(local, "a"))
+        with open(os.path.join(local, "a", "x.txt"), "w") as f:
+            f.write("hello")
+    assert (epath.Path(WORKDIR) / "sub" / "a" / "x.txt").read_text() == "hello"
+    back = tmp_path / "back"
+    assert layout.copy_tree(WORKDIR + "/sub", back) == [os.path.join("a", "x.txt")]
+    assert (back / "a" / "x.txt").read_text() == "hello"
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_model_config_round_trip_on_a_remote_workdir(fake_gcs, tmp_path):
+    from configs.tiny import get_config
+    from derta_jax.train.config import build_model_config
+
+    cfg = build_model_config(get_config())
+    layout.write_model_config(WORKDIR, cfg)
+    assert "gs://bucket/run/model_config.json" in fake_gcs
+    assert layout.read_model_config(WORKDIR) == cfg
+    with pytest.raises(FileNotFoundError, match="gs://bucket/other/model_config.json"):
+        layout.read_model_config("gs://bucket/other")
+    assert not (tmp_path / "gs:").exists()
+
+
+def test_metric_logger_copies_staged_files_while_running(fake_gcs, tmp_path):
+    from derta_jax.train.metrics import MetricLogger
+
+    root = epath.Path(WORKDIR)
+    root.mkdir(parents=True)
+    (root / "metrics.jsonl").write_text('{"step": 1}\n')  # an earlier run's record
+    logger = MetricLogger(WORKDIR, total_steps=3, sync_every_s=0.0)
+    logger.log(2, {"loss": 1.5}, epoch=0.5, tokens=10.0)
+    rows = [json.loads(x) for x in (root / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["loss"] == 1.5
+    assert list((root / "tensorboard").iterdir())
+    stage = logger._stage
+    logger.close()
+    assert not os.path.exists(stage)
+    assert not (tmp_path / "gs:").exists()
+
+
+def _micro_config(workdir: str, steps: int):
+    from configs.tiny import get_config
+
+    config = get_config()
+    config.workdir = workdir
+    config.model.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=16)
+    config.data.update(synthetic_triples=20, synthetic_helpful=40, num_safety=20, max_length=96)
+    config.train.update(batch_size=8, num_epochs=4, max_steps=steps, log_every=1)
+    config.checkpoint.update(every_steps=2, keep=5)
+    return config
+
+
+def test_training_run_writes_everything_through_epath(fake_gcs, tmp_path, monkeypatch):
+    from derta_jax.train import checkpoint, loop
+
+    asked = []
+    real_manager = checkpoint.manager
+
+    def local_manager(workdir, keep, async_save=True):
+        asked.append(layout.checkpoints_path(workdir))
+        return real_manager(tmp_path / "local_ckpt", keep, async_save)
+
+    monkeypatch.setattr(checkpoint, "manager", local_manager)
+    summary = loop.run(_micro_config(WORKDIR, steps=2))
+    root = epath.Path(WORKDIR)
+    assert summary["workdir"] == WORKDIR and asked == ["gs://bucket/run/checkpoints"]
+    for name in ("config.json", "model_config.json", "data_report.json", "summary.json",
+                 "loss_curve.png", "tokenizer/tokenizer.json", "hf_files/tokenizer.json"):
+        assert (root / name).exists(), name
+    assert (root / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert [json.loads(x)["step"] for x in (root / "metrics.jsonl").read_text().splitlines()] \
+        == [1, 2]
+    assert any(p.name.startswith("events.out.tfevents") for p in (root / "tensorboard").iterdir())
+    assert not (tmp_path / "gs:").exists()
+    assert not any(layout.is_remote(p) or p.startswith("gs:") for p in os.listdir(tmp_path))
+
+    # Resume with a longer run: the tokenizer comes back from the workdir, the old config
+    # is kept under a new name, metrics.jsonl gets the new records after the old ones.
+    summary = loop.run(_micro_config(WORKDIR, steps=4))
+    assert summary["steps"] == 4
+    steps = [json.loads(x)["step"] for x in (root / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert any(p.name.startswith("config.") and p.name != "config.json" for p in root.iterdir())
+    assert json.loads((root / "summary.json").read_text())["steps"] == 4
