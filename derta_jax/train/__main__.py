@@ -45,7 +45,7 @@ def main(argv):
               f"({tail['first_step']}-{tail['last_step']}):")
     for key in ("loss", "mle_loss", "rto_loss", "p_refusal", "tokens_per_sec", "mfu"):
         if key in fm:
-            print(f"  {key:<12} {fm[key]:.4g}")
+            print(f"  {key:<14} {fm[key]:.4g}")
     if summary.get("loss_curve"):
         print(f"loss curve   {summary['loss_curve']}")
     print(f"export       python -m derta_jax.export --workdir={summary['workdir']} --out=HF_DIR")

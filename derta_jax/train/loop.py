@@ -124,6 +124,17 @@ def _load_hf_params(hf_dir: str, model_cfg, abstract_params_state, shardings):
     return nnx.to_pure_dict(state)
 
 
+def under_mesh(mesh: jax.sharding.Mesh, fn):
+    """`fn` called with `mesh` as the ambient mesh (jax.set_mesh), so that it is traced
+    under it: the MoE block then dispatches tokens per shard (derta_jax/models/moe.py)
+    instead of sorting the global batch on every device."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 def _global_batch(local: dict, sharding) -> dict:
     """This process's rows -> one global jax.Array per key (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]))
@@ -231,8 +242,9 @@ def run(config: ml_collections.ConfigDict) -> dict:
             frozen = _load_hf_params(config.model.hf_dir, model_cfg, abstract_base, frozen_shardings)
         else:
             frozen = lora.init_base_params(model_cfg, config.seed, frozen_shardings)
-    jit_step = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+    jit_step = under_mesh(mesh, jax.jit(
+        step_fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
+        out_shardings=(state_shardings, None), donate_argnums=(0,)))
 
     mngr = checkpoint.manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
     base_rng = jax.random.key(config.seed)
