@@ -5,8 +5,10 @@ allocating the model:
 
   * parameters, and bytes per device of parameters, gradients and Adam state, from
     `nnx.eval_shape` and the trainer's own sharding rules (derta_jax.train.plan_memory);
-  * activations and temporaries from an ahead-of-time compile of the REAL train step on fake
-    CPU devices (derta_jax.train.plan_compile), which also proves the sharding is legal;
+  * activations and temporaries from an ahead-of-time compile of the REAL train step
+    (derta_jax.train.plan_compile), which also proves the sharding is legal: for a TPU
+    `--topology` on the slice's own compile-only devices when libtpu is installed (no TPU
+    needed: `pip install libtpu==0.0.42.*`), otherwise on fake CPU devices;
   * whether that fits the device's memory, the micro-batch split, the step time and MFU
     at an assumed MFU, and the FSDP communication volume per step.
 
@@ -40,10 +42,12 @@ _TOPOLOGY = flags.DEFINE_string("topology", "", "Target slice: v5p-64, v4-8, v5e
                                 "h100x8, h200x8, a100x8, a100-40gbx8.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Device count (default: the topology's, or the "
                                 "mesh product).")
-_COMPILE = flags.DEFINE_boolean("compile", True, "AOT-compile the train step on fake CPU "
-                                "devices for XLA's activation/temporary figures.")
-_TPU_COMPILE = flags.DEFINE_boolean("tpu_compile", False, "Compile for the real TPU topology "
-                                    "description instead (needs libtpu; untested here).")
+_COMPILE = flags.DEFINE_boolean("compile", True, "AOT-compile the train step for XLA's "
+                                "activation/temporary figures.")
+_COMPILE_ON = flags.DEFINE_enum("compile_on", "auto", ["auto", "tpu", "cpu"],
+                                "tpu: the TPU --topology's compile-only devices (needs libtpu); "
+                                "cpu: fake CPU devices; auto: tpu when libtpu is installed and "
+                                "the topology is a TPU slice, else cpu.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilisation for the step time.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
 
@@ -85,14 +89,36 @@ def set_fake_cpu_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
 
 
+def compile_target(choice: str, topology: Optional[Any]) -> tuple:
+    """(--compile_on resolved to 'tpu' or 'cpu', notes for the user)."""
+    from derta_jax.train.topology import libtpu_requirement, libtpu_version
+
+    is_tpu = topology is not None and topology.is_tpu
+    if choice == "cpu":
+        return "cpu", []
+    if choice == "tpu" and not is_tpu:
+        raise PlanError("--compile_on=tpu needs a TPU --topology (e.g. v5p-64)")
+    if choice not in ("auto", "tpu"):
+        raise PlanError(f"--compile_on={choice}: use auto, tpu or cpu")
+    if is_tpu and (choice == "tpu" or libtpu_version() is not None):
+        return "tpu", []
+    notes = []
+    if is_tpu:
+        notes.append(f"libtpu is not installed, so the step was compiled on fake CPU devices; "
+                     f"pip install '{libtpu_requirement()}' compiles it for the real "
+                     f"{topology.tpu_topology} slice (no TPU needed)")
+    return "cpu", notes
+
+
 def _has_data_source(config: Any) -> bool:
     d = config.data
     return bool(d.train_files or d.triples or d.helpful or d.synthetic)
 
 
 def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
-              compile_step: bool = True, tpu_compile: bool = False, mfu: float = 0.4) -> dict:
-    """The plan as plain data (see the module docstring). Raises ConfigError on bad configs."""
+              compile_step: bool = True, compile_on: str = "cpu", mfu: float = 0.4) -> dict:
+    """The plan as plain data (see the module docstring). Raises ConfigError on bad configs.
+    `compile_on` is --compile_on; the default keeps library callers on fake CPU devices."""
     import jax
 
     from derta_jax.train import flops, plan_memory
@@ -132,26 +158,28 @@ def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
     }
     plan["per_device"]["analytic_peak"] = state.total_bytes + activations + batch_bytes
     peak = plan["per_device"]["analytic_peak"]
-    if compile_step or tpu_compile:
+    if compile_step:
         from derta_jax.train import plan_compile
+        from derta_jax.train.topology import compile_only_devices, libtpu_version
 
-        if tpu_compile:
-            if topology is None or not topology.is_tpu:
-                raise PlanError("--tpu_compile needs a TPU --topology (e.g. v5p-64)")
-            devices = plan_compile.tpu_topology_devices(topology.tpu_topology, megacore=
-                                                        topology.device_kind in ("tpu v4", "tpu v5p"))
+        target, target_notes = compile_target(compile_on, topology)
+        notes += target_notes
+        if target == "tpu":
+            devices = compile_only_devices(topology)
+            backend = (f"tpu {topology.tpu_topology} compile-only devices, "
+                       f"libtpu {libtpu_version()}")
         else:
             devices = jax.devices("cpu")
             if len(devices) < num_devices:
                 raise PlanError(f"the plan needs {num_devices} devices but JAX has {len(devices)} "
                                 f"CPU devices: run `python -m derta_jax.plan`, which sets "
                                 f"XLA_FLAGS=--xla_force_host_platform_device_count for itself")
-            devices = devices[:num_devices]
+            devices, backend = devices[:num_devices], "cpu (fake devices)"
         compiled = plan_compile.compile_step_memory(config, devices)
         plan["compiled"] = dict(dataclass_dict(compiled), peak_bytes=compiled.peak_bytes,
-                                backend="tpu topology" if tpu_compile else "cpu (fake devices)")
+                                backend=backend)
         peak = compiled.peak_bytes
-        if not tpu_compile and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
+        if target == "cpu" and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
             notes.append("XLA:CPU runs bf16 matmuls in f32 and may keep an f32 copy of bf16 "
                          "weights (up to 2x their bytes) that TPU/GPU do not: the compiled peak "
                          "is an upper bound, the analytic total a lower one")
@@ -255,7 +283,7 @@ def main(argv):
             raise PlanError(f"--devices={count}: must be >= 1")
         set_fake_cpu_devices(count)  # JAX is not started yet: the helpers import it lazily
         plan = make_plan(config, count, topology, compile_step=_COMPILE.value,
-                         tpu_compile=_TPU_COMPILE.value, mfu=_MFU.value)
+                         compile_on=_COMPILE_ON.value, mfu=_MFU.value)
     except (ConfigError, PlanError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -4,6 +4,7 @@ trainer's LoRA adapters over a frozen base), the compiled step against the analy
 mistral7b's step compiles for 8 fake devices at its real size in ~15-30 s on 2 cores
 (scanned layers: one layer body), so the test plans the recipe as shipped."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ from derta_jax.train import flops, lora, mesh as mesh_lib, plan_memory
 from derta_jax.train.config import ConfigError, build_model_config
 from derta_jax.train.loop import _init_params, _opt_state_shardings
 from derta_jax.train.optimizer import make_optimizer
+from derta_jax.train import topology as topology_lib
 from derta_jax.train.topology import parse_topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,6 +176,51 @@ def test_parse_mesh_rejects_unknown_axes():
                               "('data', 'fsdp', 'tensor', 'expert')")
 
 
+def test_compile_target_falls_back_to_cpu_without_libtpu(monkeypatch):
+    monkeypatch.setattr(topology_lib, "libtpu_version", lambda: None)
+    v5p, h100 = parse_topology("v5p-64"), parse_topology("h100x8")
+    target, notes = planner.compile_target("auto", v5p)
+    assert target == "cpu" and len(notes) == 1
+    assert f"pip install '{topology_lib.libtpu_requirement()}'" in notes[0] and "v5p:2x4x4" in notes[0]
+    assert planner.compile_target("auto", h100) == ("cpu", [])
+    assert planner.compile_target("cpu", v5p) == ("cpu", [])
+    for bad in (h100, None):
+        with pytest.raises(planner.PlanError, match=r"^--compile_on=tpu needs a TPU --topology"):
+            planner.compile_target("tpu", bad)
+    with pytest.raises(ImportError, match=r"--topology=v5p-64 needs libtpu.*pip install 'libtpu"):
+        topology_lib.compile_only_devices(v5p)
+    monkeypatch.setattr(topology_lib, "libtpu_version", lambda: "0.0.42.1")
+    assert planner.compile_target("auto", v5p) == ("tpu", [])
+
+
+def test_libtpu_requirement_is_what_jax_tpu_pins():
+    pins = [r for r in importlib.metadata.requires("jax") if r.startswith("libtpu")]
+    assert pins and pins[0].startswith(topology_lib.libtpu_requirement())
+
+
+_NO_LIBTPU = "libtpu is not installed (pip install 'libtpu==0.0.42.*' to run the TPU-topology compile)"
+
+
+@pytest.mark.skipif(topology_lib.libtpu_version() is None, reason=_NO_LIBTPU)
+def test_compile_for_a_real_tpu_topology():
+    """The step compiled by TPU XLA for a v5p slice's compile-only devices (no TPU here)."""
+    devices = topology_lib.compile_only_devices(parse_topology("v5p-64"))
+    assert len(devices) == 32 and {d.platform for d in devices} == {"tpu"}
+    assert len({d.process_index for d in devices}) > 1  # a multi-host slice, described
+    config = _tiny(fsdp=4)
+    config.data.max_length = 64
+    # widths whose shards fill TPU's 128-lane tiles (tiny's 128/4 = 32 would be padded 4x)
+    config.model.update(hidden_size=512, intermediate_size=1024, head_dim=128, num_layers=2)
+    plan = planner.make_plan(config, 4, parse_topology("v5p-8"), compile_on="tpu")
+    d, k = plan["per_device"], plan["compiled"]
+    assert k["backend"].startswith("tpu v5p:2x2x1 compile-only devices, libtpu ")
+    state = d["params"] + d["optimizer"] + d["batch"]
+    assert 0 <= k["argument_bytes"] - state < 0.01 * state  # only the norm vectors' tile padding
+    assert k["alias_bytes"] > 0 and k["temp_bytes"] > 0
+    assert plan["headroom_bytes"] == 95 * 2**30 - k["peak_bytes"]
+    assert not any("XLA:CPU" in n for n in plan["notes"])
+
+
 def _cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, "-m", "derta_jax.plan", *args], cwd=REPO, env=env,
@@ -195,3 +242,17 @@ def test_cli_error_names_the_field():
     assert done.stderr.strip().splitlines()[-1] == (
         "error: mesh={'data': 1, 'fsdp': 3, 'tensor': 1, 'expert': 1}: axis sizes multiply "
         "to 3, but there are 4 devices")
+
+
+def test_cli_tpu_topology_compiles_for_the_slice_when_libtpu_is_installed():
+    """--compile_on=auto (the default): the slice's own compiler with libtpu, else fake CPUs
+    and a note saying what to install."""
+    done = _cli("--config=configs/tiny.py", "--config.data.max_length=64", "--topology=v5p-8",
+                "--format=json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    backend, notes = plan["compiled"]["backend"], " ".join(plan["notes"])
+    if topology_lib.libtpu_version() is None:
+        assert backend == "cpu (fake devices)" and "pip install 'libtpu==" in notes
+    else:
+        assert backend.startswith("tpu v5p:2x2x1 compile-only devices") and "libtpu" not in notes

@@ -9,7 +9,7 @@ constraint, donation), feeds `jax.ShapeDtypeStruct`s instead of arrays, and retu
 
 The devices may be fake CPU devices (`--xla_force_host_platform_device_count`) or, where
 libtpu is installed, compile-only devices of a TPU topology description
-(`jax.experimental.topologies.get_topology_desc`, as MaxText's train_compile does).
+(derta_jax.train.topology.compile_only_devices, as MaxText's train_compile does).
 Figures from CPU compiles are CPU's fusion decisions: a guide to TPU/GPU temporaries, not
 a measurement of them.
 """
@@ -122,20 +122,3 @@ def compile_step_memory(config: ml_collections.ConfigDict,
         code_bytes=int(getattr(stats, "generated_code_size_in_bytes", 0) or 0),
         compile_seconds=seconds)
 
-
-def tpu_topology_devices(topology_name: str, megacore: bool) -> list:
-    """Compile-only devices of a TPU slice, e.g. topology_name="v5p:2x2x4".
-
-    UNTESTED here: needs libtpu, which is not installable on this project's machines.
-    Raises ImportError with the fix when libtpu is missing."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as err:
-        raise ImportError("compiling for a TPU topology needs libtpu "
-                          "(pip install 'jax[tpu]'); fake CPU devices were not used "
-                          "because --tpu_compile was asked for") from err
-    from jax.experimental import topologies
-
-    kwargs = {"chip_config_name": "megacore"} if megacore else {}
-    return list(topologies.get_topology_desc(topology_name=topology_name, platform="tpu",
-                                             **kwargs).devices)

@@ -3,12 +3,20 @@
 Why: users think in slice names; the planner needs devices, memory per device and peak
 FLOP/s. Cloud TPU names count TensorCores for v4 and v5p (two per chip, one JAX device per
 chip in megacore mode) and chips for v5e and v6e. GPU names are `<gpu>x<count>`.
+
+`compile_only_devices` gives the devices of a TPU slice for an ahead-of-time compile on a
+machine with no TPU (libtpu's topology description, as MaxText's train_compile uses): the
+planner then reports TPU XLA's own memory figures instead of XLA:CPU's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
+import os
 import re
+from typing import Optional
 
 from derta_jax.train.flops import hbm_bytes_for, peak_flops_for
 
@@ -67,3 +75,47 @@ def parse_topology(name: str) -> Topology:
         return Topology(name, kind, int(gpu.group(2)), hbm_bytes_for(kind), peak_flops_for(kind))
     raise ValueError(f"--topology={name}: unknown; use e.g. v5p-64, v4-8, v5e-16, v6e-8, "
                      f"h100x8, h200x8, a100x8, a100-40gbx8")
+
+
+def libtpu_requirement() -> str:
+    """What `jax[tpu]` pins for the installed jax, e.g. 'libtpu==0.0.42.*'."""
+    try:
+        pins = [r.split(";")[0].strip() for r in importlib.metadata.requires("jax") or ()
+                if r.startswith("libtpu")]
+    except importlib.metadata.PackageNotFoundError:
+        pins = []
+    return pins[0].replace(" ", "") if pins else "libtpu"
+
+
+def libtpu_version() -> Optional[str]:
+    """The installed libtpu's version, or None (checked without loading libtpu.so)."""
+    if importlib.util.find_spec("libtpu") is None:
+        return None
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def compile_only_devices(topology: Topology) -> list:
+    """The slice's devices, one per chip, usable for `jit(...).lower(...).compile()` only.
+
+    Raises ImportError naming the package to install when libtpu is missing."""
+    if not topology.is_tpu:
+        raise ValueError(f"--topology={topology.name}: compile-only devices exist for TPU "
+                         f"slices only (e.g. v5p-64)")
+    if libtpu_version() is None:
+        raise ImportError(f"compiling for --topology={topology.name} needs libtpu, which is not "
+                          f"installed: pip install '{libtpu_requirement()}' (no TPU needed)")
+    from jax.experimental import topologies
+
+    from derta_jax.train.cluster import tpu_chips_attached
+
+    if not tpu_chips_attached():  # libtpu's one-process lock guards real chips; there are none
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    devices = list(topologies.get_topology_desc(topology_name=topology.tpu_topology,
+                                                platform="tpu").devices)
+    if len(devices) != topology.num_devices:
+        raise ValueError(f"--topology={topology.name}: libtpu describes {topology.tpu_topology} "
+                         f"with {len(devices)} devices, expected {topology.num_devices}")
+    return devices
