@@ -2,8 +2,9 @@
 
 What they pin down: the same losses on 1 and 8 devices and on 2 processes x 4 devices;
 a run killed with SIGKILL (or stopped with SIGTERM) and restarted with the same command
-ends with parameters bit-identical to an uninterrupted run; a checkpoint saved on 8
-devices resumes on 1; a non-finite loss stops the run and keeps the last good checkpoint.
+ends with parameters bit-identical to an uninterrupted run; SIGTERM to one of two
+processes stops both at the same step; a checkpoint saved on 8 devices resumes on 1; a
+non-finite loss stops the run and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -215,6 +216,35 @@ def test_two_processes_match_one_process(baseline, tmp_path):
     two, one = losses(tmp_path), losses(baseline)
     for step in range(1, STEPS + 1):
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    # Only process 1 is signalled; a save it made alone would hang on the collective.
+    # A long run (the last --config flag wins) so that the signal lands mid-run.
+    port = _free_port()
+    common = ["--config.distributed.initialize=always",
+              f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+              "--config.distributed.num_processes=2", "--config.train.max_steps=28",
+              "--config.checkpoint.every_steps=100"]
+    procs = [start(tmp_path, *common, f"--config.distributed.process_id={i}", devices=4)
+             for i in range(2)]
+    try:
+        wait_for(lambda: logged_steps(tmp_path) >= 2, procs[0])
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:  # a hang (processes disagreeing about the stop) must not leak processes
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "stop requested by another process: checkpoint saved at step" in outputs[0]
+    assert "SIGTERM received: checkpoint saved at step" in outputs[1]
+    stops = {int(out.split("checkpoint saved at step ")[1].split(";")[0]) for out in outputs}
+    assert len(stops) == 1, stops
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == list(stops) and saved[0] < 28
+    assert "interrupted, checkpoint saved" in outputs[0]
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -14,7 +14,8 @@ The workdir may be local or a URI (gs://bucket/run): every path in it goes throu
 etils.epath (derta_jax.hf.workdir.resolve); Orbax writes checkpoints there directly.
 
 Preemption: SIGTERM (and SIGINT) set a flag; the loop saves a checkpoint at the next step
-boundary and exits. SIGKILL loses only the steps after the last complete checkpoint.
+boundary and exits (multi-process: at the next logging step, agreed by all processes;
+derta_jax.train.preemption). SIGKILL loses only the steps after the last complete checkpoint.
 A non-finite loss stops the run before anything non-finite is saved.
 """
 
@@ -24,7 +25,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any, Optional
 
@@ -44,6 +44,7 @@ from derta_jax.train.config import ConfigError, build_model_config, validate
 from derta_jax.train.data import build_training_data
 from derta_jax.train.metrics import MetricLogger, plot_loss_curve, tail_mean
 from derta_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from derta_jax.train.preemption import StopFlag
 from derta_jax.train.step import BATCH_KEYS, TrainState, make_train_step
 
 log = logging.getLogger(__name__)
@@ -146,20 +147,6 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-class _StopFlag:
-    def __init__(self):
-        self.requested = False
-        self.signal_name = ""
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.requested, self.signal_name = True, signal.Signals(signum).name
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
@@ -278,7 +265,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         lora_rank=lora_settings.rank if lora_settings is not None else 0)
     peak = config.train.peak_flops_per_device or flops.peak_flops_for(jax.devices()[0].device_kind)
     logger = MetricLogger(workdir, total_steps, is_main)
-    stop = _StopFlag()
+    stop = StopFlag(every=config.train.log_every)
     stop.install()
     step = start
     tokens_since_log = jnp.zeros((), jnp.float32)
@@ -291,6 +278,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
             batch = _global_batch(local, batch_sharding)
             state, metrics = jit_step(state, frozen, batch)
             step += 1
+            stopping = stop.should_stop(step)
             nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
             tokens_since_log = tokens_since_log + jnp.sum(batch["segment_ids"] > 0)
             is_log = step % config.train.log_every == 0 or step == total_steps
@@ -305,17 +293,17 @@ def run(config: ml_collections.ConfigDict) -> dict:
                     last_metrics["mfu"] = (last_metrics["tokens_per_sec"] * tokens_per_step_flops
                                            / (peak * jax.device_count()))
                 tokens_since_log = jnp.zeros((), jnp.float32)
-            if (is_log or is_save or stop.requested) and bool(nonfinite):
+            if (is_log or is_save or stopping) and bool(nonfinite):
                 mngr.wait_until_finished()
                 raise NonFiniteLossError(
                     f"non-finite loss at or before step {step}; the last complete checkpoint "
                     f"(step {checkpoint.latest_step(mngr)}) is kept and nothing newer is saved. "
                     f"Lower optim.lr or check the data.")
-            if is_save or stop.requested:
+            if is_save or stopping:
                 checkpoint.save(mngr, step, state.params, state.opt_state, state.rng,
                                 iterator.get_state(), force=True)
-            if stop.requested:
-                log.warning("%s received: checkpoint saved at step %d; exiting", stop.signal_name, step)
+            if stopping:
+                log.warning("%s: checkpoint saved at step %d; exiting", stop.reason(), step)
                 break
     finally:
         mngr.wait_until_finished()
@@ -323,7 +311,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         logger.close()
     summary = {
         "workdir": os.fspath(workdir), "steps": step, "total_steps": total_steps,
-        "interrupted": stop.requested, "seconds": time.perf_counter() - t_start,
+        "interrupted": stop.stopped, "seconds": time.perf_counter() - t_start,
         # one logged step is one noisy batch: the summary reports a mean over the run's tail
         "tail_mean_metrics": tail_mean(logger.history),
         "last_logged_metrics": {k: v for k, v in last_metrics.items()
