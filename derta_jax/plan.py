@@ -110,6 +110,15 @@ def compile_target(choice: str, topology: Optional[Any]) -> tuple:
     return "cpu", notes
 
 
+def use_cpu_backend_only() -> None:
+    """Before JAX starts: the planner never runs on an accelerator (TPU compile-only devices
+    come from libtpu directly), so it must not take a GPU's memory or a TPU VM's chips, which
+    a trainer may be using (and which, on one worker of a pod slice, would wait for the rest)."""
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+
+
 def _has_data_source(config: Any) -> bool:
     d = config.data
     return bool(d.train_files or d.triples or d.helpful or d.synthetic)
@@ -282,6 +291,7 @@ def main(argv):
         if count < 1:
             raise PlanError(f"--devices={count}: must be >= 1")
         set_fake_cpu_devices(count)  # JAX is not started yet: the helpers import it lazily
+        use_cpu_backend_only()
         plan = make_plan(config, count, topology, compile_step=_COMPILE.value,
                          compile_on=_COMPILE_ON.value, mfu=_MFU.value)
     except (ConfigError, PlanError, ValueError, ImportError) as err:
