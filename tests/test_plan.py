@@ -18,7 +18,7 @@ from configs import mistral7b, mixtral8x7b_lora, tiny
 from derta_jax import plan as planner
 from derta_jax.train import flops, lora, mesh as mesh_lib, plan_memory
 from derta_jax.train.config import ConfigError, build_model_config
-from derta_jax.train.loop import _init_params, _opt_state_shardings
+from derta_jax.train.loop import _init_params, opt_state_shardings
 from derta_jax.train.optimizer import make_optimizer
 from derta_jax.train import topology as topology_lib
 from derta_jax.train.topology import parse_topology
@@ -60,7 +60,7 @@ def test_state_bytes_match_real_sharded_arrays(use_lora):
     else:
         params, base = _init_params(model_cfg, 0, shardings), {}
     optimizer = make_optimizer(config.optim, 100)
-    opt_shardings = _opt_state_shardings(optimizer, nnx.to_pure_dict(trained), shardings, real_mesh)
+    opt_shardings = opt_state_shardings(optimizer, nnx.to_pure_dict(trained), shardings, real_mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
     assert analytic.params_bytes == _device0_bytes(params) + _device0_bytes(base)

@@ -99,8 +99,12 @@ def _write_resolved_config(config: ml_collections.ConfigDict, workdir: epath.Pat
     path.write_text(text)
 
 
-def _abstract_model(model_cfg, seed: int, lora_settings: Optional[lora.LoraSettings] = None):
-    """-> (graphdef, trained params, frozen base params or None, rest), all abstract."""
+def abstract_model(model_cfg, seed: int, lora_settings: Optional[lora.LoraSettings] = None):
+    """The model as the trainer splits it, without allocating it (shapes, dtypes and
+    logical-axis metadata only); shared with the planner so both see the same split.
+
+    -> (graphdef, trained params, frozen base params or None, rest): the trained params
+    are all nnx.Params, or with `lora_settings` the adapters (the base is then frozen)."""
     if lora_settings is None:
         abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
         graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -195,13 +199,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
         with layout.staged(workdir) as local:  # lora.py writes local files
             lora.write_record(local, lora_settings, base_hf_dir=config.model.hf_dir,
                               seed=config.seed)
-    graphdef, abstract_params, abstract_base, rest = _abstract_model(model_cfg, config.seed,
+    graphdef, abstract_params, abstract_base, rest = abstract_model(model_cfg, config.seed,
                                                                      lora_settings)
     param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh))
     optimizer = make_optimizer(config.optim, total_steps)
     schedule = learning_rate_schedule(config.optim, total_steps)
     abstract_pure = nnx.to_pure_dict(abstract_params)
-    opt_shardings = _opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh)
+    opt_shardings = opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh)
     rep = mesh_lib.replicated(mesh)
     state_shardings = TrainState(rep, param_shardings, opt_shardings, rep)
     batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -325,8 +329,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     return summary
 
 
-def _opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh):
-    """Optimizer moments shard like their parameters; scalars (counts) are replicated."""
+def opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh):
+    """Shardings of `optimizer`'s state: moments shard like their parameters, scalars
+    (step counts) are replicated. Public for the planner, which must place the state
+    exactly as the trainer does. `abstract_pure`: the trained params as a pure dict."""
     import optax
 
     rep = mesh_lib.replicated(mesh)

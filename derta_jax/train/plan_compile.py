@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from derta_jax.train import lora, mesh as mesh_lib
 from derta_jax.train.config import build_model_config
-from derta_jax.train.loop import _opt_state_shardings, loss_config
+from derta_jax.train.loop import loss_config, opt_state_shardings
 from derta_jax.train.optimizer import make_optimizer
 from derta_jax.train.plan_memory import abstract_parts
 from derta_jax.train.step import BATCH_KEYS, TrainState, make_train_step
@@ -69,7 +69,7 @@ def abstract_step_inputs(config: ml_collections.ConfigDict, mesh: jax.sharding.M
     abstract_pure = nnx.to_pure_dict(trained)
     total_steps = config.train.max_steps if config.train.max_steps > 0 else 1000
     optimizer = make_optimizer(config.optim, total_steps)
-    opt_shardings = _opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh)
+    opt_shardings = opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh)
     rep = mesh_lib.replicated(mesh)
     state_shardings = TrainState(rep, param_shardings, opt_shardings, rep)
     batch_sharding = mesh_lib.batch_sharding(mesh)

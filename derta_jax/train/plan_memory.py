@@ -69,22 +69,22 @@ def abstract_parts(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
     full fine-tuning trains every nnx.Param; LoRA (derta_jax.train.lora) trains the
     adapters (nnx.LoRAParam) and freezes the base."""
     from derta_jax.train import lora
-    from derta_jax.train.loop import _abstract_model
+    from derta_jax.train.loop import abstract_model
 
     settings = lora.LoraSettings.from_config(config.lora) if config.lora.enabled else None
-    return _abstract_model(model_cfg, config.seed, settings)
+    return abstract_model(model_cfg, config.seed, settings)
 
 
 def opt_state_per_device(config: ml_collections.ConfigDict, trained: nnx.State, mesh) -> int:
     """Bytes per device of the trainer's optimiser state for `trained`, on its shardings."""
-    from derta_jax.train.loop import _opt_state_shardings
+    from derta_jax.train.loop import opt_state_shardings
     from derta_jax.train.optimizer import make_optimizer
 
     optimizer = make_optimizer(config.optim, 1000)
     pure = nnx.to_pure_dict(trained)
     shardings = nnx.to_pure_dict(mesh_lib.state_shardings(trained, mesh))
     abstract = jax.eval_shape(optimizer.init, pure)
-    opt_shardings = _opt_state_shardings(optimizer, pure, shardings, mesh)
+    opt_shardings = opt_state_shardings(optimizer, pure, shardings, mesh)
     return sum(per_device_bytes(a.shape, a.dtype, s) for a, s in
                zip(jax.tree.leaves(abstract), jax.tree.leaves(opt_shardings)))
 
