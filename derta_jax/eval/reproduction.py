@@ -43,6 +43,7 @@ SUITE_FILES = {"direct": "eval_direct.jsonl", "completion": "eval_completion.jso
                "prefill": "eval_prefill.jsonl", "over_refusal": "eval_over_refusal.jsonl",
                "benign": "eval_benign.jsonl"}
 TEMPLATE = "reference"  # the training format of the tiny runs (configs/tiny.py)
+LORA_TEMPLATE = "chat"  # the real instruct model's own chat format
 LATE_FROM = 0.5  # "later positions" of an answer: relative position >= this
 
 
@@ -89,6 +90,48 @@ BUDGETS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraBudget:
+    """The size and cost of a real-model run: LoRA tuning of a pretrained instruct model (no
+    pretraining phase; the base is the instruct model as published)."""
+    name: str
+    world: Mapping[str, Any]  # derta_jax.data.synthetic.WorldSizes fields (plain_english world)
+    num_safety: int
+    tune_steps: int
+    batch_size: int
+    max_length: int
+    tune_lr: float
+    lora_rank: int
+    lora_alpha: float
+    max_new_tokens: int
+    prefill_depths: tuple[int, ...]
+    lora_dropout: float = 0.0
+    eval_batch_size: int = 64
+
+
+# The plain_english world needs no pretraining corpus; generate_world still states every fact
+# there (unused by this track), hence the small num_pretrain with no harmful rows.
+_LORA_WORLD = dict(num_triples=300, num_helpful=1200, num_pretrain=40,
+                   pretrain_harmful_fraction=0.0, num_over_refusal=24)
+LORA_BUDGETS = {
+    # SmolLM2-135M-Instruct, measured: a LoRA step (8 x 192 tokens) costs ~17 CPU seconds
+    # (~8 s on 2 idle cores), plus ~100 CPU s per run to load and compile. Sized for under
+    # an hour on an otherwise idle 2-core CPU for one seed (docs/reproduction/smollm2/).
+    "default": LoraBudget(name="default", world=dict(_LORA_WORLD, num_eval_harmful=5,
+                                                     num_eval_benign=30),
+                          num_safety=120, tune_steps=32, batch_size=8, max_length=192,
+                          tune_lr=1e-3, lora_rank=16, lora_alpha=32.0, max_new_tokens=40,
+                          prefill_depths=(0, 10, 30)),
+    # For CI: every step of the pipeline, numbers meaningless.
+    "smoke": LoraBudget(name="smoke",
+                        world=dict(num_triples=12, num_helpful=24, num_pretrain=40,
+                                   pretrain_harmful_fraction=0.0, num_eval_harmful=1,
+                                   num_eval_benign=5, num_over_refusal=3),
+                        num_safety=8, tune_steps=2, batch_size=8, max_length=192, tune_lr=1e-3,
+                        lora_rank=4, lora_alpha=8.0, max_new_tokens=6, prefill_depths=(0, 10)),
+}
+
+
 def recipe_num_safety(budget: Budget, share: float) -> int:
     """Safety rows for a recipe taking `share` of the budget's rows, rounded down to even."""
     rows = int(budget.num_safety * share)
@@ -130,13 +173,47 @@ def base_config(workdir: str, budget: Budget, *, seed: int, tokenizer_dir: str,
     return c
 
 
-def safety_mixture(world_dir: str, recipe: str, num_safety: int, seed: int, tokenizer: Any):
+def lora_config(workdir: str, budget: LoraBudget, *, seed: int, base_hf: str, steps: int,
+                epochs: int):
+    """LoRA on every projection of the pretrained `base_hf` in its chat format; the paper's
+    LoRA setting (all RTO positions kept, no warmup) at this budget's rank and rate."""
+    from derta_jax.train.config import default_config
+
+    c = default_config()
+    c.workdir = workdir
+    c.seed = seed
+    c.model.hf_dir = base_hf
+    c.data.template = LORA_TEMPLATE
+    c.data.tokenizer = base_hf
+    c.data.max_length = budget.max_length
+    c.data.packing = True
+    c.data.shuffle_seed = seed
+    c.loss.rto_keep_rate = 1.0
+    c.lora.enabled = True
+    c.lora.rank = budget.lora_rank
+    c.lora.alpha = budget.lora_alpha
+    c.lora.dropout = budget.lora_dropout
+    c.optim.lr = budget.tune_lr
+    c.optim.warmup_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.train.batch_size = budget.batch_size
+    c.train.max_steps = steps
+    c.train.num_epochs = epochs
+    c.train.log_every = max(1, min(10, steps))
+    c.checkpoint.every_steps = steps
+    c.checkpoint.keep = 1
+    c.checkpoint.async_save = False
+    return c
+
+
+def safety_mixture(world_dir: str, recipe: str, num_safety: int, seed: int, tokenizer: Any,
+                   template_name: str = TEMPLATE):
     """The recipe's training examples, exactly as the trainer builds them (same seed)."""
     from derta_jax.data import formats, mixture, templates
 
     triples = formats.read_triples(os.path.join(world_dir, "triples.jsonl")).rows
     helpful = formats.read_helpful(os.path.join(world_dir, "helpful.jsonl")).rows
-    template = templates.make_template(TEMPLATE, tokenizer)
+    template = templates.make_template(template_name, tokenizer)
     return mixture.build_mixture(triples, helpful, recipe, seed, template, num_safety=num_safety)
 
 
@@ -164,12 +241,13 @@ def total_tokens(examples: Sequence, tokenizer: Any) -> int:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluation_items(world_dir: str, tokenizer: Any, budget: Budget) -> list[dict]:
+def evaluation_items(world_dir: str, tokenizer: Any, budget: Budget,
+                     template_name: str = TEMPLATE) -> list[dict]:
     """Every evaluation item of the world's files, suite after suite."""
     from derta_jax.data.templates import make_template
     from derta_jax.eval.attacks import build_suite
 
-    template = make_template(TEMPLATE, tokenizer)
+    template = make_template(template_name, tokenizer)
     items = []
     for suite in EVAL_SUITES:
         path = os.path.join(world_dir, SUITE_FILES[suite])
@@ -190,8 +268,10 @@ def held_out_answers(world_dir: str) -> list[tuple[str, str]]:
     return [(r["question"], r["harmful_response"]) for r in rows if r["held_out"]]
 
 
-def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, name: str) -> dict:
-    """Generate, judge and report one tuned model; -> {"report", "refusal_probabilities"}."""
+def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, name: str,
+                 template_name: str = TEMPLATE) -> dict:
+    """Generate, judge and report one model (a workdir or an HF directory);
+    -> {"report", "rows", "refusal_probabilities"}."""
     from derta_jax.data.templates import make_template
     from derta_jax.eval.judges import KeywordJudge
     from derta_jax.eval.refusal_probability import refusal_probabilities_along_answers
@@ -199,14 +279,14 @@ def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, nam
     from derta_jax.eval.run import greedy_generator, judge_items, load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(workdir)
-    items = evaluation_items(world_dir, tokenizer, budget)
+    items = evaluation_items(world_dir, tokenizer, budget, template_name)
     generate = greedy_generator(model, tokenizer, max_new_tokens=budget.max_new_tokens)
     rows = judge_items(items, generate, KeywordJudge(tokenizer=tokenizer), tokenizer=tokenizer,
                        batch_size=budget.eval_batch_size)
     report = write_report(rows, out_dir, model=name, overwrite=True)
     answers = held_out_answers(world_dir)
     probabilities = refusal_probabilities_along_answers(
-        model, tokenizer, make_template(TEMPLATE, tokenizer), answers)
+        model, tokenizer, make_template(template_name, tokenizer), answers)
     with open(os.path.join(out_dir, "refusal_probabilities.jsonl"), "w", encoding="utf-8",
               newline="\n") as f:
         for (question, _), row in zip(answers, probabilities):

@@ -1,0 +1,109 @@
+"""`python -m derta_jax.reproduce --model=smollm2`: the real-model track's code path.
+
+SmolLM2-135M itself is too slow for CI (seconds per LoRA step on 2 cores, plus generation),
+so the pipeline runs on a tiny random Llama with a chat-template tokenizer standing in for the
+imported weights (reproduce's `base_hf_dir`). The GGUF import that supplies the real weights
+is tested in tests/test_gguf_import.py.
+"""
+
+import json
+import os
+
+import pytest
+
+from derta_jax import reproduce
+from derta_jax.eval import reproduction as rp
+
+
+@pytest.fixture(scope="module")
+def stand_in_base(tmp_path_factory):
+    """A tiny random Llama + a chat-template BPE tokenizer of the plain_english world."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from derta_jax.data import synthetic
+    from derta_jax.data.tokenizer_builder import build_bpe_tokenizer
+
+    directory = tmp_path_factory.mktemp("stand_in_base")
+    texts = synthetic.world_texts(style="plain_english", **rp.LORA_BUDGETS["smoke"].world)
+    tokenizer = build_bpe_tokenizer(texts, vocab_size=500,
+                                    required_words=synthetic.single_token_strings())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(stand_in_base, tmp_path_factory):
+    import jax
+
+    out = str(tmp_path_factory.mktemp("smollm2") / "out")
+    jax.config.update("jax_compilation_cache_dir", None)
+    report = reproduce.reproduce(out, seeds=(0,), budget_name="smoke", model="smollm2",
+                                 base_hf_dir=stand_in_base)
+    return out, report
+
+
+def test_smoke_run_tunes_with_lora_and_evaluates_every_recipe(smoke_run):
+    out, report = smoke_run
+    assert sorted(report["results"]) == sorted([rp.BASE_NAME, *rp.RECIPE_NAMES])
+    assert report["model"] == "smollm2" and report["template"] == "chat"
+    for recipe in rp.RECIPE_NAMES:
+        run = os.path.join(out, "runs", recipe, "seed0")
+        with open(os.path.join(run, "workdir", "lora.json"), encoding="utf-8") as f:
+            record = json.load(f)
+        assert record["rank"] == rp.LORA_BUDGETS["smoke"].lora_rank
+        assert os.path.isfile(os.path.join(run, "hf", "config.json"))  # merged for evaluation
+        with open(os.path.join(run, "eval", "generations.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        assert {row["suite"] for row in rows} == set(rp.EVAL_SUITES)
+    assert os.path.isfile(os.path.join(out, "base", "eval", "generations.jsonl"))
+    assert not os.path.exists(os.path.join(out, "base", "hf"))  # the stand-in is used in place
+
+
+def test_smoke_world_is_plain_english_and_prompts_use_the_chat_template(smoke_run, stand_in_base):
+    from transformers import AutoTokenizer
+
+    out, _ = smoke_run
+    with open(os.path.join(out, "world", "world.json"), encoding="utf-8") as f:
+        assert json.load(f)["style"] == "plain_english"
+    tokenizer = AutoTokenizer.from_pretrained(stand_in_base)
+    with open(os.path.join(out, "runs", "derta", "seed0", "eval", "generations.jsonl"),
+              encoding="utf-8") as f:
+        direct = [json.loads(line) for line in f if '"suite": "direct"' in line]
+    assert direct
+    for row in direct:
+        expected = tokenizer.apply_chat_template([{"role": "user", "content": row["question"]}],
+                                                 tokenize=False, add_generation_prompt=True)
+        assert row["prompt"] == expected
+
+
+def test_smoke_report_describes_the_lora_setup_not_pretraining(smoke_run):
+    out, _ = smoke_run
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        text = f.read()
+    budget = rp.LORA_BUDGETS["smoke"]
+    assert "SmolLM2-135M-Instruct" in text and f"rank {budget.lora_rank}" in text
+    assert "pretrained" not in text and "pretraining here" in text
+    with open(os.path.join(out, "timings.json"), encoding="utf-8") as f:
+        timings = json.load(f)
+    assert "pretrain" not in timings["phases_s"] and timings["phases_s"]["tune"] > 0
+
+
+def test_budget_of_the_other_track_is_rejected(tmp_path, capsys):
+    assert reproduce.main([f"--out={tmp_path / 'x'}", "--model=smollm2", "--budget=full",
+                           "--compilation_cache="]) == 2
+    assert "--model=smollm2 has budgets" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_base_hf_dir_is_refused_for_the_tiny_track(tmp_path):
+    with pytest.raises(ValueError, match="base_hf_dir is for the real-model track"):
+        reproduce.reproduce(str(tmp_path / "x"), model="tiny", base_hf_dir=str(tmp_path))
+    assert not os.path.exists(tmp_path / "x")
