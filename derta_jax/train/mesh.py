@@ -11,6 +11,11 @@ Default rules are FSDP + optional tensor parallelism:
   - the batch over (data, fsdp).
 A dimension whose size the mesh axes do not divide is replicated instead (and reported by
 `describe_shardings`), so small test models still run on 8 devices.
+
+LoRA adapters (nnx.LoRAParam) have a small unnamed rank axis, so the rules often leave an
+adapter replicated over `fsdp` (B of q_proj, A of down_proj: most adapter bytes under pure
+FSDP). For them a fallback shards the largest dimension that `fsdp` divides, never the
+scanned `layers` axis (`fsdp_fallback`).
 """
 
 from __future__ import annotations
@@ -78,6 +83,27 @@ def logical_to_spec(shape: Sequence[int], logical_axes: Optional[Sequence[Option
     return P(*(_mesh_axes_for(d, name, mesh, rules, used) for d, name in zip(shape, logical_axes)))
 
 
+def _uses(entry: Any, axis: str) -> bool:
+    return entry == axis or (isinstance(entry, tuple) and axis in entry)
+
+
+def fsdp_fallback(shape: Sequence[int], spec: P, mesh: Mesh,
+                  logical_axes: Optional[Sequence[Optional[str]]] = None) -> P:
+    """`spec`, or when it leaves the array replicated over `fsdp`, `spec` with `fsdp` on the
+    largest still unsharded dimension that it divides (not `layers`: scan slices that one)."""
+    size = mesh.shape.get("fsdp", 1)
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    if size <= 1 or any(_uses(e, "fsdp") for e in entries):
+        return spec
+    names = list(logical_axes) if logical_axes else [None] * len(shape)
+    free = [i for i, dim in enumerate(shape)
+            if entries[i] is None and dim % size == 0 and names[i] != "layers"]
+    if not free:
+        return spec
+    entries[max(free, key=lambda i: (shape[i], -i))] = "fsdp"  # largest; first on a tie
+    return P(*entries)
+
+
 def _logical_names(variable: Any) -> Optional[tuple]:
     meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
     for key in ("out_sharding", "sharding_names", "sharding"):
@@ -89,12 +115,16 @@ def _logical_names(variable: Any) -> Optional[tuple]:
 
 def state_shardings(abstract_state: Any, mesh: Mesh,
                     rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for an nnx.State (of Variables) from their logical-axis metadata."""
+    """NamedShardings for an nnx.State (of Variables) from their logical-axis metadata
+    (LoRA adapters with the `fsdp_fallback`)."""
     from flax import nnx
 
     def one(variable):
         value = variable.get_value() if hasattr(variable, "get_value") else variable.value
-        spec = logical_to_spec(value.shape, _logical_names(variable), mesh, rules)
+        names = _logical_names(variable)
+        spec = logical_to_spec(value.shape, names, mesh, rules)
+        if isinstance(variable, nnx.LoRAParam):
+            spec = fsdp_fallback(value.shape, spec, mesh, names)
         return variable.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
