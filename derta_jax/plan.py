@@ -69,16 +69,13 @@ def parse_mesh(text: str) -> dict:
 
 def plan_device_count(config: Any, topology_devices: int, devices: int) -> int:
     """The device count the plan is for: --devices, else the topology's, else the mesh product
-    when every axis is given."""
+    with any -1 ("the rest") axis at 1, i.e. the smallest machine the mesh allows."""
     if devices and topology_devices and devices != topology_devices:
         raise PlanError(f"--devices={devices} but the topology has {topology_devices} devices")
     count = devices or topology_devices
     if count:
         return count
-    sizes = [int(config.mesh[a]) for a in MESH_AXES]
-    if -1 in sizes:
-        raise PlanError("the mesh has a -1 axis: give --devices=N or --topology=NAME")
-    return math.prod(sizes)
+    return math.prod(max(int(config.mesh[a]), 1) for a in MESH_AXES)
 
 
 def set_fake_cpu_devices(count: int) -> None:
@@ -294,6 +291,9 @@ def main(argv):
         use_cpu_backend_only()
         plan = make_plan(config, count, topology, compile_step=_COMPILE.value,
                          compile_on=_COMPILE_ON.value, mfu=_MFU.value)
+        if not (_DEVICES.value or topology) and -1 in [int(config.mesh[a]) for a in MESH_AXES]:
+            plan["notes"].insert(0, f"no --devices or --topology: planned for {count} device(s), "
+                                    f"the -1 mesh axis at 1")
     except (ConfigError, PlanError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

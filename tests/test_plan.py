@@ -256,3 +256,14 @@ def test_cli_tpu_topology_compiles_for_the_slice_when_libtpu_is_installed():
         assert backend == "cpu (fake devices)" and "pip install 'libtpu==" in notes
     else:
         assert backend.startswith("tpu v5p:2x2x1 compile-only devices") and "libtpu" not in notes
+
+
+def test_device_count_defaults_to_the_smallest_machine_the_mesh_allows():
+    config = _tiny()  # mesh.fsdp = -1
+    assert planner.plan_device_count(config, 0, 0) == 1
+    config.mesh.data = 2
+    assert planner.plan_device_count(config, 0, 0) == 2
+    assert planner.plan_device_count(config, 32, 0) == 32
+    assert planner.plan_device_count(config, 0, 8) == 8
+    with pytest.raises(planner.PlanError, match=r"^--devices=8 but the topology has 32 devices$"):
+        planner.plan_device_count(config, 32, 8)
