@@ -32,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
-
 from etils import epath
+from flax import nnx
 
 from derta_jax import loss as derta
 from derta_jax.hf import workdir as layout
