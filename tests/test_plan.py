@@ -206,7 +206,9 @@ def test_compile_for_a_real_tpu_topology():
     """The step compiled by TPU XLA for a v5p slice's compile-only devices (no TPU here)."""
     devices = topology_lib.compile_only_devices(parse_topology("v5p-64"))
     assert len(devices) == 32 and {d.platform for d in devices} == {"tpu"}
-    assert len({d.process_index for d in devices}) > 1  # a multi-host slice, described
+    assert len({d.process_index for d in devices}) == 8  # a multi-host slice, described
+    for name, chips in [("v4-32", 16), ("v5litepod-16", 16), ("v6e-8", 8)]:  # one device per chip
+        assert len(topology_lib.compile_only_devices(parse_topology(name))) == chips
     config = _tiny(fsdp=4)
     config.data.max_length = 64
     # widths whose shards fill TPU's 128-lane tiles (tiny's 128/4 = 32 would be padded 4x)

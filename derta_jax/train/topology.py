@@ -113,8 +113,12 @@ def compile_only_devices(topology: Topology) -> list:
 
     if not tpu_chips_attached():  # libtpu's one-process lock guards real chips; there are none
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    family = topology.tpu_topology.split(":")[0]
+    # v4 / v5p: one JAX device per chip (megacore), as on the real slice; libtpu's default
+    # for v4 is one device per TensorCore
+    megacore = {"chip_config_name": "megacore"} if TPU_FAMILIES[family][1] == 2 else {}
     devices = list(topologies.get_topology_desc(topology_name=topology.tpu_topology,
-                                                platform="tpu").devices)
+                                                platform="tpu", **megacore).devices)
     if len(devices) != topology.num_devices:
         raise ValueError(f"--topology={topology.name}: libtpu describes {topology.tpu_topology} "
                          f"with {len(devices)} devices, expected {topology.num_devices}")
