@@ -13,6 +13,11 @@ config.json that the ModelConfig does not hold are kept), `generation_config.jso
 WORKDIR/hf_files/. Tensors stream from the restored parameters through the name table
 into shards; at most one shard is held on the host at a time.
 
+WORKDIR (and --out, --tokenizer_dir) may be URIs such as gs://bucket/run, as written by a
+TPU pod's training: every workdir file is read through etils.epath, the checkpoint through
+Orbax; a remote --out is written into a local temporary directory, then copied (the same
+non-empty/--overwrite rule is checked on --out before anything is written).
+
 LoRA runs (WORKDIR/lora.json, written by the trainer with lora.enabled=True) checkpoint
 only their adapters. Their export needs the frozen base: the HF directory the run started
 from (recorded in lora.json; `--base_hf_dir` points elsewhere, e.g. after a move), or, for
@@ -26,18 +31,21 @@ adapted weight (derta_jax.hf.lora.merged_hf_tensors): a normal HF model director
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import sys
+import tempfile
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from derta_jax.hf import workdir as wd
 from derta_jax.hf.config import hf_config_with_source, hf_generation_config
-from derta_jax.hf.safetensors_io import as_numpy_dtype, prepare_output_dir, write_safetensors_sharded
+from derta_jax.hf.safetensors_io import (INDEX_FILE, SHARD_PATTERN, SINGLE_FILE, as_numpy_dtype,
+                                         prepare_output_dir, write_safetensors_sharded)
 from derta_jax.hf.tokenizer_files import GENERATION_CONFIG, copy_tokenizer_files
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -78,8 +86,11 @@ def _cast(tensors, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
 def export(workdir: str, out: str, step: Optional[int] = None, dtype: Optional[str] = None,
            max_shard_size: str = "5GB", lora: str = "merge", overwrite: bool = False,
            tokenizer_dir: Optional[str] = None, base_hf_dir: Optional[str] = None) -> list[str]:
-    """Writes the HF directory; returns the names of the files written."""
-    from derta_jax.train.lora import read_record
+    """Writes the HF directory; returns the names of the files written.
+
+    `workdir`, `out` and `tokenizer_dir` may be URIs (gs://...): the workdir is read through
+    etils.epath and Orbax; a remote `out` is written locally first, then copied."""
+    from derta_jax.train.lora import RECORD_FILE, read_record
 
     if lora not in LORA_CHOICES:
         raise ValueError(f"--lora={lora!r}: must be one of {LORA_CHOICES}")
@@ -87,56 +98,92 @@ def export(workdir: str, out: str, step: Optional[int] = None, dtype: Optional[s
         raise ValueError(f"--dtype={dtype!r}: must be one of {DTYPE_CHOICES}")
     config = wd.read_model_config(workdir)
     record = read_record(workdir)
-    if record is not None:
-        prepare_output_dir(out, overwrite)
-        return _export_lora_run(workdir, out, config, record, step, dtype, max_shard_size,
-                                lora, tokenizer_dir, base_hf_dir)
-    if lora == "adapter":
+    if record is None and lora == "adapter":
         shown = step if step is not None else wd.latest_step(workdir)
         raise NotImplementedError(
             f"{workdir} step {shown} holds no LoRA adapters: --lora=adapter export needs the "
-            f"LoRA trainer's workdir ({os.path.join(workdir, 'lora.json')} is missing)")
-    prepare_output_dir(out, overwrite)
-    config, state, step = restore_model_params(workdir, step)
-    adapters = lora_paths(nnx.to_pure_dict(state))
-    if adapters:
-        raise ValueError(f"{workdir} step {step} holds LoRA parameters ({adapters[0]}, ...) "
-                         f"but no lora.json saying how they were trained")
+            f"LoRA trainer's workdir ({wd.resolve(workdir) / RECORD_FILE} is missing)")
+    with _output_dir(out, overwrite) as local_out:
+        if record is not None:
+            return _export_lora_run(workdir, local_out, config, record, step, dtype,
+                                    max_shard_size, lora, tokenizer_dir, base_hf_dir)
+        config, state, step = restore_model_params(workdir, step)
+        adapters = lora_paths(nnx.to_pure_dict(state))
+        if adapters:
+            raise ValueError(f"{workdir} step {step} holds LoRA parameters ({adapters[0]}, ...) "
+                             f"but no lora.json saying how they were trained")
 
-    from derta_jax.hf.mapping import export_hf_tensors
+        from derta_jax.hf.mapping import export_hf_tensors
 
-    out_dtype = dtype or config.param_dtype
-    written = write_safetensors_sharded(
-        _cast(export_hf_tensors(state, config), as_numpy_dtype(out_dtype)), out,
-        max_shard_size, overwrite=True)
-    return written + _write_model_files(workdir, out, config, out_dtype, tokenizer_dir)
+        out_dtype = dtype or config.param_dtype
+        written = write_safetensors_sharded(
+            _cast(export_hf_tensors(state, config), as_numpy_dtype(out_dtype)), local_out,
+            max_shard_size, overwrite=True)
+        return written + _write_model_files(workdir, local_out, config, out_dtype, tokenizer_dir)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (SINGLE_FILE, INDEX_FILE) or bool(SHARD_PATTERN.fullmatch(name))
+
+
+@contextlib.contextmanager
+def _output_dir(out: str, overwrite: bool) -> Iterator[str]:
+    """The local directory the export writes into.
+
+    Local `out`: itself, prepared as before (created; refused when non-empty unless
+    `overwrite`). Remote `out`: the same rule checked there first, then a temporary local
+    directory whose files are copied into `out` once the export has succeeded (a failed
+    export leaves `out` untouched). Like write_safetensors_sharded does locally, weight
+    files of an earlier export that the new one does not rewrite are deleted, so a
+    different shard count never leaves a mixed model behind."""
+    if not wd.is_remote(out):
+        prepare_output_dir(os.fspath(out), overwrite)
+        yield os.fspath(out)
+        return
+    target = wd.resolve(out)
+    wd.check_output_dir(target, overwrite)
+    with tempfile.TemporaryDirectory(prefix="derta_jax_export_") as local:
+        yield local
+        names = set(os.listdir(local))
+        if target.is_dir() and any(_is_weight_file(n) for n in names):
+            for old in target.iterdir():
+                if _is_weight_file(old.name) and old.name not in names:
+                    old.unlink()
+        wd.copy_tree(local, target)
 
 
 def _write_model_files(workdir: str, out: str, config, out_dtype: str,
                        tokenizer_dir: Optional[str], base_hf_dir: Optional[str] = None) -> list[str]:
-    """config.json, generation_config.json and the tokenizer files next to the weights.
+    """config.json, generation_config.json and the tokenizer files next to the weights
+    (`out` is local; the workdir and `tokenizer_dir` may be remote).
 
     The source model's config.json (whose extra fields are kept) is WORKDIR/hf_files'
     copy, else that of the base model directory a LoRA run started from."""
     written: list[str] = []
     source_config = None
-    source_config_path = os.path.join(wd.hf_files_path(workdir), wd.SOURCE_CONFIG_FILE)
-    if not os.path.isfile(source_config_path) and base_hf_dir:
-        source_config_path = os.path.join(base_hf_dir, "config.json")
-    if os.path.isfile(source_config_path):
-        with open(source_config_path, encoding="utf-8") as f:
-            source_config = json.load(f)
+    source_config_path = epath.Path(wd.hf_files_path(workdir)) / wd.SOURCE_CONFIG_FILE
+    if not source_config_path.is_file() and base_hf_dir:
+        source_config_path = wd.resolve(base_hf_dir) / "config.json"
+    if source_config_path.is_file():
+        source_config = json.loads(source_config_path.read_text(encoding="utf-8"))
     written += _write_json(out, "config.json",
                            hf_config_with_source(config, source_config, dtype=out_dtype))
-    source = tokenizer_dir or wd.hf_files_path(workdir)
-    if os.path.isfile(os.path.join(source, GENERATION_CONFIG)):
-        shutil.copyfile(os.path.join(source, GENERATION_CONFIG), os.path.join(out, GENERATION_CONFIG))
+    source = wd.resolve(tokenizer_dir) if tokenizer_dir else epath.Path(wd.hf_files_path(workdir))
+    if (source / GENERATION_CONFIG).is_file():
+        (source / GENERATION_CONFIG).copy(epath.Path(out) / GENERATION_CONFIG, overwrite=True)
         written.append(GENERATION_CONFIG)
     else:
         written += _write_json(out, GENERATION_CONFIG, hf_generation_config(config))
-    if os.path.isdir(source):
-        written += copy_tokenizer_files(source, out, overwrite=True)
+    written += _copy_tokenizer(source, out)
     return written
+
+
+def _copy_tokenizer(source: epath.Path, out: str) -> list[str]:
+    """The tokenizer files of `source` (local or remote; nothing when it is absent)."""
+    if not source.is_dir():
+        return []
+    with wd.fetched(source) as local:
+        return copy_tokenizer_files(local, out, overwrite=True)
 
 
 def _base_tensors(config, record: dict, base_hf_dir: Optional[str]):
@@ -144,6 +191,9 @@ def _base_tensors(config, record: dict, base_hf_dir: Optional[str]):
     from derta_jax.hf.safetensors_io import iter_checkpoint
 
     hf_dir = base_hf_dir or record["base"].get("hf_dir")
+    if hf_dir and wd.is_remote(hf_dir):
+        raise ValueError(f"{hf_dir}: the LoRA run's base model directory is remote; copy it "
+                         f"to a local directory and pass --base_hf_dir=DIR")
     if hf_dir:
         if not os.path.isfile(os.path.join(hf_dir, "config.json")):
             raise FileNotFoundError(f"{hf_dir}: the LoRA run's base model directory has no "
@@ -180,9 +230,9 @@ def _export_lora_run(workdir: str, out: str, config, record: dict, step: Optiona
                                           base_model_name_or_path=hf_dir)
         written = write_peft_adapter(_cast(tensors, as_numpy_dtype(dtype or settings.dtype)),
                                      out, adapter_config, overwrite=True)
-        source = tokenizer_dir or wd.hf_files_path(workdir)
-        if os.path.isdir(source):
-            written += copy_tokenizer_files(source, out, overwrite=True)
+        written += _copy_tokenizer(
+            wd.resolve(tokenizer_dir) if tokenizer_dir else epath.Path(wd.hf_files_path(workdir)),
+            out)
         return written
     base, hf_dir = _base_tensors(config, record, base_hf_dir)
     out_dtype = dtype or config.param_dtype

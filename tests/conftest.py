@@ -14,4 +14,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures_tokenizers",
     "tests.fixtures_hf",
+    "tests.fixtures_gcs",
 ]

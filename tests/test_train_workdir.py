@@ -1,51 +1,24 @@
 """Remote (gs://) workdirs: every file the trainer writes goes through etils.epath.
 
-No GCS here, so the `gcs` fsspec protocol (the one etils.epath dispatches gs:// paths to)
-is replaced by an in-memory filesystem: a gs:// workdir is then real URI handling end to
-end, and any local write to `$PWD/gs:/...` (os.path.abspath / open on the URI) would show
-up as a local directory. Orbax writes array data through tensorstore's own GCS driver,
-which fsspec cannot stand in for, so the run's checkpoint manager is pointed at a local
-directory; the test checks the path the trainer asked it to use.
+gs:// paths live in tests/fixtures_gcs.py's in-memory filesystem (`fake_gcs`): a gs://
+workdir is then real URI handling end to end, and any local write to `$PWD/gs:/...`
+(os.path.abspath / open on the URI) would show up as a local directory. Orbax writes
+array data through tensorstore's own GCS driver, which fsspec cannot stand in for, so the
+run's checkpoint manager is pointed at a local directory; the test checks the path the
+trainer asked it to use.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 
 import pytest
 from etils import epath
-from etils.epath import backend as epath_backend
-from fsspec.implementations.memory import MemoryFileSystem
 
 from derta_jax.hf import workdir as layout
 
 WORKDIR = "gs://bucket/run"
-
-
-class _FakeGCS(MemoryFileSystem):
-    protocol = ("gs", "gcs")
-    root_marker = ""
-    store: dict = {}
-    pseudo_dirs = [""]
-
-    def __init__(self, *args, finalize_on_close=False, **kwargs):
-        del finalize_on_close  # gcsfs-only argument that etils passes
-        super().__init__(*args, **kwargs)
-
-
-@pytest.fixture
-def fake_gcs(monkeypatch, tmp_path):
-    registry = importlib.import_module("fsspec.registry")  # the module, not its dict view
-    for name in ("gcs", "gs"):
-        monkeypatch.setitem(registry._registry, name, _FakeGCS)
-    monkeypatch.setattr(_FakeGCS, "store", {})
-    monkeypatch.setattr(_FakeGCS, "pseudo_dirs", [""])
-    epath_backend.fsspec_backend._get_filesystem.cache_clear()
-    monkeypatch.chdir(tmp_path)  # a local "gs:" directory would appear here
-    yield _FakeGCS.store
-    epath_backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def test_resolve_keeps_uris_and_absolutises_local_paths(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ script, and it is testable with any `generate_texts` function, no model needed.
 
 Model loading: an HF directory (config.json + safetensors; derta_jax.convert's reader) or
 a derta_jax workdir (model_config.json + Orbax checkpoints, tokenizer in hf_files/; the
-latest step). The tokenizer is loaded with trust_remote_code=False. Prompts are encoded
+latest step), local or remote (gs://bucket/run). The tokenizer is loaded with trust_remote_code=False. Prompts are encoded
 here: a prompt whose text already starts with the BOS token (chat templates render it)
 gets no second one; other prompts get the tokenizer's own special tokens.
 """
@@ -77,22 +77,32 @@ def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512) -
 def _is_workdir(path: str) -> bool:
     from derta_jax.hf import workdir as wd
 
-    return os.path.isfile(os.path.join(path, wd.MODEL_CONFIG_FILE))
+    return (wd.resolve(path) / wd.MODEL_CONFIG_FILE).is_file()
 
 
 def load_model_and_tokenizer(path: str) -> tuple[Any, Any]:
-    """(derta_jax Transformer with loaded weights, HF tokenizer) from an HF dir or a workdir."""
+    """(derta_jax Transformer with loaded weights, HF tokenizer) from an HF dir or a workdir.
+
+    A workdir may be a URI (gs://bucket/run, where a TPU pod trained): its files are read
+    through etils.epath, its checkpoint through Orbax, its tokenizer from a temporary local
+    copy of hf_files/. HF model directories must be local."""
     from flax import nnx
     from transformers import AutoTokenizer
 
     from derta_jax.convert import abstract_model
+    from derta_jax.hf import workdir as wd
 
-    if not os.path.isdir(path):
+    remote = wd.is_remote(path)
+    if remote:
+        if not _is_workdir(path):
+            raise FileNotFoundError(f"--model={path}: no {wd.MODEL_CONFIG_FILE} there; a remote "
+                                    f"--model must be a derta_jax workdir (copy an HF model "
+                                    f"directory to a local one)")
+    elif not os.path.isdir(path):
         raise FileNotFoundError(f"--model={path}: no such directory (an HF model directory "
                                 f"or a derta_jax workdir)")
     if _is_workdir(path):
         from derta_jax.export import restore_model_params
-        from derta_jax.hf import workdir as wd
 
         config, state, _ = restore_model_params(path)
         tokenizer_dir = wd.hf_files_path(path)
@@ -108,5 +118,8 @@ def load_model_and_tokenizer(path: str) -> tuple[Any, Any]:
         tokenizer_dir = path
     graphdef, _ = nnx.split(abstract_model(config))
     model = nnx.merge(graphdef, state)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    with wd.fetched(tokenizer_dir) as local:
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
+    if remote:
+        tokenizer.name_or_path = tokenizer_dir  # error messages name it, not the deleted copy
     return model, tokenizer

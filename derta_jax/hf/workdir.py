@@ -77,6 +77,34 @@ def staged(directory: PathLike) -> Iterator[str]:
         copy_tree(local, target)
 
 
+@contextlib.contextmanager
+def fetched(directory: PathLike) -> Iterator[str]:
+    """A local directory holding the files of `directory`, for code that only reads local
+    files (AutoTokenizer.from_pretrained, shutil): `directory` itself when local; else a
+    temporary copy, deleted on exit. Raises FileNotFoundError naming a missing remote one."""
+    if not is_remote(directory):
+        yield os.fspath(directory)
+        return
+    source = resolve(directory)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such directory")
+    with tempfile.TemporaryDirectory(prefix="derta_jax_fetch_") as local:
+        copy_tree(source, local)
+        yield local
+
+
+def check_output_dir(directory: PathLike, overwrite: bool) -> None:
+    """The output rule of every CLI (safetensors_io.prepare_output_dir), for any path and
+    without creating anything: an existing non-directory is refused, so is a non-empty
+    directory unless `overwrite`."""
+    path = resolve(directory)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True "
+                              f"(--overwrite) to write into it")
+
+
 def copy_tree(src: PathLike, dst: PathLike) -> list[str]:
     """Copies the files under `src` into `dst` (either side local or remote), overwriting;
     returns the relative paths copied."""

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from derta_jax.hf import workdir as layout
 from derta_jax.models.layers import Projection
 
 RECORD_FILE = "lora.json"
@@ -301,26 +302,31 @@ def init_base_params(model_config, seed: int, shardings: Any = None) -> dict:
 
 def write_record(workdir: str, settings: LoraSettings, *, base_hf_dir: str = "",
                  seed: int = 0) -> str:
-    """WORKDIR/lora.json: the settings and where the frozen base comes from."""
-    base = ({"hf_dir": os.path.abspath(base_hf_dir)} if base_hf_dir else {"init_seed": int(seed)})
+    """WORKDIR/lora.json: the settings and where the frozen base comes from.
+
+    Written through etils.epath, so `workdir` may be a URI (gs://...); a local
+    `base_hf_dir` is recorded as an absolute path, a URI as it is."""
+    base = ({"hf_dir": os.fspath(layout.resolve(base_hf_dir))} if base_hf_dir
+            else {"init_seed": int(seed)})
     record = {**dataclasses.asdict(settings), "seed": int(seed), "base": base}
-    path = os.path.join(workdir, RECORD_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    return path
+    path = layout.resolve(workdir) / RECORD_FILE
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return os.fspath(path)
 
 
 def read_record(workdir: str) -> Optional[dict]:
-    """-> {'settings': LoraSettings, 'seed': int, 'base': {...}}, or None for a non-LoRA run."""
-    path = os.path.join(workdir, RECORD_FILE)
-    if not os.path.isfile(path):
+    """-> {'settings': LoraSettings, 'seed': int, 'base': {...}}, or None for a non-LoRA run.
+
+    Read through etils.epath: export and evaluate take gs:// workdirs too."""
+    path = layout.resolve(workdir) / RECORD_FILE
+    if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            record = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: line {err.lineno}: not JSON ({err.msg})") from None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno}: not JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
     fields = {f.name for f in dataclasses.fields(LoraSettings)}
     for name in sorted(fields | {"seed", "base"}):
         if name not in record and name != "dtype":
