@@ -269,3 +269,20 @@ def test_device_count_defaults_to_the_smallest_machine_the_mesh_allows():
     assert planner.plan_device_count(config, 0, 8) == 8
     with pytest.raises(planner.PlanError, match=r"^--devices=8 but the topology has 32 devices$"):
         planner.plan_device_count(config, 32, 8)
+
+
+def test_planner_traces_moe_per_shard_like_the_trainer(monkeypatch):
+    """The planner compiles the step under the mesh (as the trainer runs it), so a MoE
+    block dispatches per shard; compiled without the mesh it would sort the whole batch
+    on every device and the planner's temporaries would not be the trainer's."""
+    from derta_jax.models import moe
+
+    calls = []
+    real = jax.shard_map
+    monkeypatch.setattr(moe.jax, "shard_map", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = _tiny(fsdp=8)
+    config.model.update(family="mixtral", num_experts=4, num_experts_per_tok=2, num_layers=1)
+    config.data.max_length = 64
+    plan = planner.make_plan(config, 8, parse_topology("v5e-8"))
+    assert calls, "the MoE block was traced without the ambient mesh"
+    assert plan["compiled"]["peak_bytes"] > 0

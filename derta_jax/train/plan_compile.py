@@ -111,7 +111,8 @@ def compile_step_memory(config: ml_collections.ConfigDict,
     jitted = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=out_shardings,
                      donate_argnums=(0,))
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    with jax.set_mesh(mesh):  # traced as the trainer traces it (MoE dispatch per shard)
+        compiled = jitted.lower(*args).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     return CompiledMemory(
