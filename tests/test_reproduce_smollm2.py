@@ -43,10 +43,21 @@ def stand_in_base(tmp_path_factory):
 def smoke_run(stand_in_base, tmp_path_factory):
     import jax
 
-    out = str(tmp_path_factory.mktemp("smollm2") / "out")
-    jax.config.update("jax_compilation_cache_dir", None)
-    report = reproduce.reproduce(out, seeds=(0,), budget_name="smoke", model="smollm2",
-                                 base_hf_dir=stand_in_base)
+    root = tmp_path_factory.mktemp("smollm2")
+    out = str(root / "out")
+    # the five tunings compile the same step: once, as the CLI does with OUT/xla_cache
+    settings = {"jax_compilation_cache_dir": str(root / "xla"),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    saved = {name: getattr(jax.config, name) for name in settings}
+    try:
+        for name, value in settings.items():
+            jax.config.update(name, value)
+        report = reproduce.reproduce(out, seeds=(0,), budget_name="smoke", model="smollm2",
+                                     base_hf_dir=stand_in_base)
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)
     return out, report
 
 
