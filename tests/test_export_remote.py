@@ -2,12 +2,12 @@
 
 A tiny Llama (transformers' own classes, the small BPE tokenizer) is converted into a
 local workdir, and a LoRA workdir is built next to it (lora.json + adapters only). Each is
-copied byte for byte into the in-memory bucket of tests/fixtures_gcs.py, so every workdir
-file (model_config.json, lora.json, hf_files/, the checkpoints' directory listing) is read
-through gs:// URIs, and any local `gs:` directory left in the working directory fails the
-test. Orbax reads checkpoint arrays through tensorstore's own GCS driver, which the fake
-cannot serve: `layout.checkpoint_manager` hands Orbax the local original of the same
-checkpoints, and the tests check it was asked for the gs:// path.
+copied byte for byte, checkpoints included, into the in-memory bucket of
+tests/fixtures_gcs.py. Nothing is redirected: epath reads the workdir files through the
+fake `gcs` fsspec filesystem, Orbax lists the steps and reads checkpoint metadata the same
+way, and tensorstore's GCS driver reads the array data from the same store through the
+fake's JSON API server. Any local `gs:` directory left in the working directory fails
+the test.
 
 The reference everywhere is the same command on the local workdir: the files exported
 from (and to) gs:// must be byte-identical to it.
@@ -67,22 +67,18 @@ def workdirs(tmp_path_factory, small_tokenizer):
 
 
 @pytest.fixture
-def bucket(fake_gcs, monkeypatch, workdirs, tmp_path):
-    """gs://bucket/wd and gs://bucket/lora hold copies of the local workdirs; returns the
-    checkpoint paths Orbax was asked for."""
-    remote = {f"gs://bucket/{name}": workdirs[name] for name in ("wd", "lora")}
-    for uri, local in remote.items():
-        layout.copy_tree(local, uri)
+def bucket(fake_gcs_tensorstore, monkeypatch, workdirs, tmp_path):
+    """gs://bucket/wd and gs://bucket/lora hold byte copies of the local workdirs, their
+    checkpoints included; returns the checkpoint paths Orbax was asked to open (read-only)."""
+    for name in ("wd", "lora"):
+        layout.copy_tree(workdirs[name], f"gs://bucket/{name}")
     asked = []
     real_manager = layout.checkpoint_manager
 
     def manager(workdir, read_only=False, max_to_keep=None):
-        path = layout.checkpoints_path(workdir)
-        asked.append(path)
-        if not layout.is_remote(path):
-            return real_manager(workdir, read_only, max_to_keep)
-        assert read_only, f"{path}: export/evaluate must not write checkpoints"
-        return real_manager(remote[path[:-len("/checkpoints")]], read_only, max_to_keep)
+        asked.append(layout.checkpoints_path(workdir))
+        assert read_only, f"{asked[-1]}: export/evaluate must not write checkpoints"
+        return real_manager(workdir, read_only, max_to_keep)
 
     monkeypatch.setattr(layout, "checkpoint_manager", manager)
     yield asked
@@ -90,22 +86,29 @@ def bucket(fake_gcs, monkeypatch, workdirs, tmp_path):
 
 
 def _files(directory) -> dict[str, bytes]:
-    root = epath.Path(directory)
+    """{relative path: bytes} of every file under `directory` (local or gs://)."""
     files = {}
-    for parent, _, names in root.walk():
-        for name in names:
-            path = epath.Path(parent) / name
-            files[os.path.relpath(os.fspath(path), os.fspath(root))] = path.read_bytes()
+    for path in epath.Path(directory).iterdir():
+        if path.is_dir():
+            files.update({f"{path.name}/{k}": v for k, v in _files(path).items()})
+        else:
+            files[path.name] = path.read_bytes()
     return files
 
 
-def test_export_from_a_remote_workdir_is_the_local_export(bucket, workdirs, tmp_path):
+def test_export_from_a_remote_workdir_is_the_local_export(bucket, fake_gcs_tensorstore,
+                                                          workdirs, tmp_path):
     local = export_cli.export(workdirs["wd"], tmp_path / "local", max_shard_size="20KB")
+    assert not fake_gcs_tensorstore
     remote = export_cli.export("gs://bucket/wd", tmp_path / "from_gs", max_shard_size="20KB")
     assert remote == local and "model.safetensors.index.json" in local
     assert {"config.json", "generation_config.json", "tokenizer.json"} <= set(local)
     assert _files(tmp_path / "from_gs") == _files(tmp_path / "local")
     assert "gs://bucket/wd/checkpoints" in bucket
+    # The arrays came from the bucket through tensorstore, which wrote nothing there.
+    assert any(method == "GET" and name.startswith("bucket/wd/checkpoints/0/params/")
+               for method, name in fake_gcs_tensorstore)
+    assert {method for method, _ in fake_gcs_tensorstore} == {"GET"}
 
     with pytest.raises(FileNotFoundError, match="gs://bucket/nowhere/model_config.json: missing"):
         export_cli.export("gs://bucket/nowhere", tmp_path / "x")

@@ -50,7 +50,7 @@ def test_model_config_round_trip_on_a_remote_workdir(fake_gcs, tmp_path):
 
     cfg = build_model_config(get_config())
     layout.write_model_config(WORKDIR, cfg)
-    assert "gs://bucket/run/model_config.json" in fake_gcs
+    assert "bucket/run/model_config.json" in fake_gcs
     assert layout.read_model_config(WORKDIR) == cfg
     with pytest.raises(FileNotFoundError, match="gs://bucket/other/model_config.json"):
         layout.read_model_config("gs://bucket/other")

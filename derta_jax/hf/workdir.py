@@ -107,17 +107,26 @@ def check_output_dir(directory: PathLike, overwrite: bool) -> None:
 
 def copy_tree(src: PathLike, dst: PathLike) -> list[str]:
     """Copies the files under `src` into `dst` (either side local or remote), overwriting;
-    returns the relative paths copied."""
+    returns the relative paths copied.
+
+    Walks with iterdir, not epath's walk: for gs:// that yields its directories without
+    the scheme ('bucket/run/x'), which would then be read as local paths."""
     src, dst = epath.Path(src), epath.Path(dst)
     copied = []
-    for root, _, files in src.walk():
-        root = epath.Path(root)
-        for name in sorted(files):
-            rel = os.path.relpath(os.fspath(root / name), os.fspath(src))
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).copy(dst / rel, overwrite=True)
-            copied.append(rel)
+    for rel in _relative_files(src):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).copy(dst / rel, overwrite=True)
+        copied.append(rel)
     return copied
+
+
+def _relative_files(directory: epath.Path, prefix: str = "") -> Iterator[str]:
+    for child in sorted(directory.iterdir(), key=lambda p: p.name):
+        rel = os.path.join(prefix, child.name)
+        if child.is_dir():
+            yield from _relative_files(child, rel)
+        else:
+            yield rel
 
 
 def checkpoints_path(workdir: PathLike) -> str:
