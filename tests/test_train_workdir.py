@@ -3,9 +3,9 @@
 gs:// paths live in tests/fixtures_gcs.py's in-memory filesystem (`fake_gcs`): a gs://
 workdir is then real URI handling end to end, and any local write to `$PWD/gs:/...`
 (os.path.abspath / open on the URI) would show up as a local directory. Orbax writes
-array data through tensorstore's own GCS driver, which fsspec cannot stand in for, so the
-run's checkpoint manager is pointed at a local directory; the test checks the path the
-trainer asked it to use.
+array data through tensorstore's own GCS driver, which the fixture's JSON API server
+serves from the same store (`fake_gcs_tensorstore`), so the training run checkpoints into
+the bucket and resumes from it.
 """
 
 from __future__ import annotations
@@ -87,20 +87,16 @@ def _micro_config(workdir: str, steps: int):
     return config
 
 
-def test_training_run_writes_everything_through_epath(fake_gcs, tmp_path, monkeypatch):
-    from derta_jax.train import checkpoint, loop
+def test_training_run_writes_everything_through_epath(fake_gcs_tensorstore, tmp_path):
+    from derta_jax.train import loop
 
-    asked = []
-    real_manager = checkpoint.manager
-
-    def local_manager(workdir, keep, async_save=True):
-        asked.append(layout.checkpoints_path(workdir))
-        return real_manager(tmp_path / "local_ckpt", keep, async_save)
-
-    monkeypatch.setattr(checkpoint, "manager", local_manager)
     summary = loop.run(_micro_config(WORKDIR, steps=2))
     root = epath.Path(WORKDIR)
-    assert summary["workdir"] == WORKDIR and asked == ["gs://bucket/run/checkpoints"]
+    assert summary["workdir"] == WORKDIR
+    # Orbax wrote the checkpoints into the bucket: arrays through tensorstore's GCS driver.
+    assert layout.latest_step(WORKDIR) == 2
+    assert any(method == "POST" and name.startswith("bucket/run/checkpoints/2/")
+               for method, name in fake_gcs_tensorstore)
     for name in ("config.json", "model_config.json", "data_report.json", "summary.json",
                  "loss_curve.png", "tokenizer/tokenizer.json", "hf_files/tokenizer.json"):
         assert (root / name).exists(), name
@@ -114,8 +110,30 @@ def test_training_run_writes_everything_through_epath(fake_gcs, tmp_path, monkey
     # Resume with a longer run: the tokenizer comes back from the workdir, the old config
     # is kept under a new name, metrics.jsonl gets the new records after the old ones.
     summary = loop.run(_micro_config(WORKDIR, steps=4))
-    assert summary["steps"] == 4
+    assert summary["steps"] == 4 and layout.latest_step(WORKDIR) == 4
     steps = [json.loads(x)["step"] for x in (root / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert any(p.name.startswith("config.") and p.name != "config.json" for p in root.iterdir())
     assert json.loads((root / "summary.json").read_text())["steps"] == 4
+
+    # What a TPU pod's user does next: evaluate and export from the same gs:// workdir,
+    # into gs:// too. The exported HF model computes what the evaluated model computes.
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from derta_jax import export as export_cli
+    from derta_jax.eval.run import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(WORKDIR)
+    assert tokenizer.name_or_path == "gs://bucket/run/hf_files"
+    assert export_cli.main([f"--workdir={WORKDIR}", "--out=gs://bucket/hf"]) == 0
+    local = tmp_path / "hf"
+    layout.copy_tree("gs://bucket/hf", local)
+    ids = np.asarray([tokenizer.encode("How do I bake bread?")], np.int32)
+    ours = np.asarray(model.logits(model(jnp.asarray(ids))[0]))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(local)(torch.from_numpy(ids).long()).logits
+    np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-4)
+    assert not (tmp_path / "gs:").exists()
