@@ -109,6 +109,10 @@ def test_export_from_a_remote_workdir_is_the_local_export(bucket, fake_gcs_tenso
     assert any(method == "GET" and name.startswith("bucket/wd/checkpoints/0/params/")
                for method, name in fake_gcs_tensorstore)
     assert {method for method, _ in fake_gcs_tensorstore} == {"GET"}
+    # --tokenizer_dir may be remote too.
+    export_cli.export(workdirs["wd"], tmp_path / "tok", max_shard_size="20KB",
+                      tokenizer_dir="gs://bucket/wd/hf_files")
+    assert _files(tmp_path / "tok") == _files(tmp_path / "local")
 
     with pytest.raises(FileNotFoundError, match="gs://bucket/nowhere/model_config.json: missing"):
         export_cli.export("gs://bucket/nowhere", tmp_path / "x")
