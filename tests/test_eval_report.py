@@ -245,3 +245,28 @@ def test_seed_summary_mean_and_spread():
     assert (direct["min"], direct["max"], direct["n_per_seed"]) == (0.25, 1.0, [4, 4])
     assert ("gsm8k", None, None) not in summary  # no ASR on benign suites
     assert seed_summary(reports[:1])[0]["std"] == 0.0
+
+
+def test_prefill_curves_with_equal_values_stay_apart(tmp_path, monkeypatch):
+    """Two models at ASR 0 at every depth must not be drawn on top of each other (the
+    reproduction's RTO and DeRTa lines did exactly that); the ticks stay the true k."""
+    import matplotlib.axes
+
+    from derta_jax.eval.plots import plot_prefill_curves
+
+    drawn, ticks = [], []
+    real_errorbar, real_ticks = matplotlib.axes.Axes.errorbar, matplotlib.axes.Axes.set_xticks
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, **kw: drawn.append(list(x)) or
+                        real_errorbar(self, x, y, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks",
+                        lambda self, t, *a, **kw: ticks.append(list(t)) or
+                        real_ticks(self, t, *a, **kw))
+    rate = {"n": 10, "value": 0.0, "ci95_low": 0.0, "ci95_high": 0.3}
+    report = {"groups": [{"suite": "prefill", "k": k, "held_out": None, "asr_not_refused": rate}
+                         for k in (0, 5, 10)]}
+    plot_prefill_curves({"rto": report, "derta": report}, str(tmp_path / "curve.png"))
+    assert len(drawn) == 2
+    assert all(a != b for a, b in zip(*drawn))
+    assert all(abs(a - k) < 1.25 and abs(b - k) < 1.25 for a, b, k in zip(*drawn, (0, 5, 10)))
+    assert ticks == [[0, 5, 10]]

@@ -28,22 +28,39 @@ def _pyplot():
     return plt
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
 def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
                         metric: str = "asr_not_refused") -> None:
-    """ASR (`metric` of the prefill groups) against k, one line per model, with 95% CIs."""
+    """ASR (`metric` of the prefill groups) against k, one line per model, with 95% CIs.
+
+    Models with equal values (e.g. several at ASR 0 at every depth) would hide each other:
+    each line is shifted sideways by a small fraction of the k spacing and gets its own
+    marker and line style, so every model stays visible; the x ticks are the true k."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=_FIGSIZE, dpi=_DPI)
+    curves = {}
     for name in sorted(reports):
         groups = sorted((g for g in reports[name]["groups"] if g["suite"] == "prefill"
                          and g["held_out"] is None and g[metric] is not None),
                         key=lambda g: g["k"])
-        if not groups:
-            continue
-        ks = [g["k"] for g in groups]
+        if groups:
+            curves[name] = groups
+    all_ks = sorted({g["k"] for groups in curves.values() for g in groups})
+    gaps = [b - a for a, b in zip(all_ks, all_ks[1:])]
+    dodge = 0.25 * min(gaps) / max(len(curves), 1) if gaps else 0.0
+    for index, (name, groups) in enumerate(curves.items()):
+        shift = (index - (len(curves) - 1) / 2) * dodge
+        ks = [g["k"] + shift for g in groups]
         values = [g[metric]["value"] for g in groups]
         low = [g[metric]["value"] - g[metric]["ci95_low"] for g in groups]
         high = [g[metric]["ci95_high"] - g[metric]["value"] for g in groups]
-        ax.errorbar(ks, values, yerr=[low, high], marker="o", capsize=3, label=name)
+        ax.errorbar(ks, values, yerr=[low, high], marker=_MARKERS[index % len(_MARKERS)],
+                    linestyle=_LINESTYLES[index % len(_LINESTYLES)], capsize=3, label=name)
+    if all_ks:
+        ax.set_xticks(all_ks)
     ax.set_xlabel("prefill depth k")
     ax.set_ylabel("ASR (" + metric.removeprefix("asr_").replace("_", " ") + ")")
     ax.set_ylim(-0.02, 1.02)
