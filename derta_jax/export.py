@@ -15,8 +15,9 @@ into shards; at most one shard is held on the host at a time.
 
 WORKDIR (and --out, --tokenizer_dir) may be URIs such as gs://bucket/run, as written by a
 TPU pod's training: every workdir file is read through etils.epath, the checkpoint through
-Orbax; a remote --out is written into a local temporary directory, then copied (the same
-non-empty/--overwrite rule is checked on --out before anything is written).
+Orbax; a remote --out is written into a local temporary directory (so the local disk must
+hold the whole exported model), then copied (the same non-empty/--overwrite rule is
+checked on --out before anything is written).
 
 LoRA runs (WORKDIR/lora.json, written by the trainer with lora.enabled=True) checkpoint
 only their adapters. Their export needs the frozen base: the HF directory the run started
@@ -254,7 +255,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="default: the latest step")
-    parser.add_argument("--out", required=True, help="HF model directory to write")
+    parser.add_argument("--out", required=True,
+                        help="HF model directory to write (local, or gs://... like the workdir)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                         help="weight dtype (default: the parameter dtype)")
     parser.add_argument("--max_shard_size", default="5GB")
@@ -276,6 +278,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (OSError, ValueError, NotImplementedError) as error:  # bad input: message, no traceback
+    # Bad input, or gs:// without gcsfs installed: a message, no traceback.
+    except (OSError, ValueError, NotImplementedError, ImportError) as error:
         print(f"python -m derta_jax.export: error: {error}", file=sys.stderr)
         sys.exit(1)
