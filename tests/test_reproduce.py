@@ -209,3 +209,26 @@ def test_plotted_intervals_enclose_their_values(tmp_path):
     assert report["groups"][0]["asr_not_refused"]["ci95_low"] > 0  # the input is not changed
     plot_prefill_curves({"m": fixed}, str(tmp_path / "curve.png"))
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_tuning_runs_use_the_budgets_rto_keep_rate(smoke_runs):
+    """The tiny track is full fine-tuning: the paper's 5% RTO keep rate reaches every tuning
+    run's resolved config, and report.json records it."""
+    out = smoke_runs[0]
+    for name in rp.RECIPE_NAMES:
+        with open(os.path.join(out, "runs", name, "seed0", "workdir", "config.json")) as f:
+            assert json.load(f)["loss"]["rto_keep_rate"] == rp.BUDGETS["smoke"].rto_keep_rate
+    with open(os.path.join(out, "report.json")) as f:
+        assert json.load(f)["budget"]["rto_keep_rate"] == 0.05
+
+
+def test_rto_keep_rate_defaults_follow_the_paper_and_bad_values_are_refused(tmp_path, capsys):
+    assert all(b.rto_keep_rate == 0.05 for b in rp.BUDGETS.values())  # full fine-tuning
+    assert all(b.rto_keep_rate == 1.0 for b in rp.LORA_BUDGETS.values())  # LoRA
+    config = rp.base_config(str(tmp_path / "w"), rp.BUDGETS["smoke"], seed=0, tokenizer_dir="t",
+                            steps=2, lr=1e-3, epochs=1)
+    assert config.loss.rto_keep_rate == 0.05
+    assert reproduce.main([f"--out={tmp_path / 'x'}", "--budget=smoke", "--rto_keep_rate=0",
+                           "--compilation_cache="]) == 2
+    assert "--rto_keep_rate=0.0: must be in (0, 1]" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")

@@ -63,6 +63,11 @@ class Budget:
     prefill_depths: tuple[int, ...]
     eval_batch_size: int = 256
     vocab_size: int = 1024
+    # Share of RTO positions kept per step. The tiny track is FULL fine-tuning, for which the
+    # paper (appendix A) keeps 5%; 1.0 is its LoRA setting. At 1.0 RTO's ~35 targets per
+    # triple swamp the harmful-prefix MLE and the tuned models loop "SorrySorry..." instead
+    # of refusing (docs/reproduction/tiny_rto_keep_1.0/).
+    rto_keep_rate: float = 0.05
 
 
 _WORLD = dict(num_triples=300, num_helpful=1200, num_pretrain=4000, num_eval_benign=100,
@@ -107,6 +112,7 @@ class LoraBudget:
     prefill_depths: tuple[int, ...]
     lora_dropout: float = 0.0
     eval_batch_size: int = 64
+    rto_keep_rate: float = 1.0  # the paper's LoRA setting (appendix A)
 
 
 # The plain_english world needs no pretraining corpus; generate_world still states every fact
@@ -167,6 +173,7 @@ def base_config(workdir: str, budget: Budget, *, seed: int, tokenizer_dir: str,
     c.train.num_epochs = epochs
     c.train.log_every = max(1, min(100, steps))
     c.optim.lr = lr
+    c.loss.rto_keep_rate = budget.rto_keep_rate
     c.checkpoint.every_steps = steps  # only the final one
     c.checkpoint.keep = 1
     c.checkpoint.async_save = False
@@ -188,7 +195,7 @@ def lora_config(workdir: str, budget: LoraBudget, *, seed: int, base_hf: str, st
     c.data.max_length = budget.max_length
     c.data.packing = True
     c.data.shuffle_seed = seed
-    c.loss.rto_keep_rate = 1.0
+    c.loss.rto_keep_rate = budget.rto_keep_rate
     c.lora.enabled = True
     c.lora.rank = budget.lora_rank
     c.lora.alpha = budget.lora_alpha
