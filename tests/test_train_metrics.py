@@ -36,3 +36,14 @@ def test_tail_skips_non_finite_values_and_missing_keys():
     assert tail["metrics"]["tokens_per_sec"] == 30.0
     assert tail["metrics"]["loss"] == pytest.approx(2.5)
     assert tail_mean([]) == {}
+
+
+def test_progress_line_shows_a_dash_for_a_loss_without_positions(tmp_path, capsys):
+    """A logging window without RTO rows has rto_loss = 0/0: the line says "-", not "nan"."""
+    from derta_jax.train.metrics import MetricLogger
+
+    logger = MetricLogger(str(tmp_path), total_steps=4)
+    logger._print({"step": 2, "epoch": 0.5, "loss": 1.25, "mle_loss": 1.25,
+                   "rto_loss": float("nan"), "lr": 1e-3})
+    line = capsys.readouterr().err
+    assert "mle 1.2500" in line and "rto -" in line and "nan" not in line

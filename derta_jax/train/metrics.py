@@ -105,9 +105,9 @@ class MetricLogger:
         bar = "#" * done + "." * (width - done)
         eta = row.get("sec_per_step", float("nan")) * (total - step)
         parts = [f"[{bar}] step {step}/{total}", f"epoch {row['epoch']:.2f}",
-                 f"loss {row.get('loss', float('nan')):.4f}",
-                 f"mle {row.get('mle_loss', float('nan')):.4f}",
-                 f"rto {row.get('rto_loss', float('nan')):.4f}",
+                 f"loss {_fmt_loss(row.get('loss'))}",
+                 f"mle {_fmt_loss(row.get('mle_loss'))}",
+                 f"rto {_fmt_loss(row.get('rto_loss'))}",
                  f"lr {row.get('lr', float('nan')):.2e}"]
         if "tokens_per_sec" in row:
             parts.append(f"{row['tokens_per_sec']:.0f} tok/s")
@@ -183,3 +183,11 @@ def tail_mean(history: Sequence[Mapping[str, float]], fraction: float = 0.1,
         if values:
             means[key] = float(np.mean(values))
     return {"first_step": rows[0]["step"], "last_step": last, "logs": len(rows), "metrics": means}
+
+
+def _fmt_loss(value) -> str:
+    """A loss for the progress line; "-" when the logged steps had no position of that kind
+    (e.g. no RTO row in the last batches: its mean is 0/0), rather than "nan"."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.4f}"
