@@ -12,7 +12,7 @@ stays small, since Linux counts the forking parent's resident pages in a child's
 
   * baseline: the imports alone (python + jax + derta_jax),
   * read: stream every tensor through derta_jax.hf.safetensors_io and touch every byte,
-  * load: build the model's parameter state from the shards (derta_jax.convert.load_hf_params:
+  * load: build the model's parameter state from the shards (derta_jax.weights.load_hf_params:
     abstract model + streaming reader + name mapping), no checkpoint written,
   * convert: `python -m derta_jax.convert` to an Orbax workdir (load + Orbax save),
   * export: `python -m derta_jax.export` of that workdir back to sharded safetensors.
@@ -43,7 +43,8 @@ for name, array, source in iter_checkpoint(sys.argv[1]):
 """
 LOAD_SNIPPET = BASELINE_SNIPPET + """
 import sys, jax
-from derta_jax.convert import load_hf_params, model_config_from_hf
+from derta_jax.hf.config import model_config_from_hf
+from derta_jax.weights import load_hf_params
 state = load_hf_params(sys.argv[1], model_config_from_hf(sys.argv[1]))
 jax.block_until_ready(jax.tree.leaves(state))
 """

@@ -4,8 +4,8 @@ Why a separate module: the timing script must compare like with like, and that i
 matter of construction, not of timing. Here
   * one random `MistralForCausalLM` is built and its weights streamed into derta_jax
     through the HF name table, so both sides start from the same parameters;
-  * the derta_jax step is the trainer's own (`make_train_step` + `make_optimizer`, jitted
-    with the state donated, as derta_jax/train/loop.py does), not a re-implementation;
+  * the derta_jax step is the trainer's own (derta_jax.train.state.assemble: the step,
+    optimiser and donation the trainer and the planner use), not a re-implementation;
   * the PyTorch step is what an HF user writes: forward to logits, cross-entropy on the
     supervised positions, backward, global-norm clipping, `torch.optim.AdamW` (decay on
     matrices only, like the HF Trainer and derta_jax's optimizer);
@@ -19,6 +19,7 @@ targets over its loss_mask, which tests/test_benchmark_train_step.py checks step
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable, Sequence
 
 import jax
@@ -28,13 +29,15 @@ import numpy as np
 from flax import nnx
 
 from derta_jax import loss as derta
+from derta_jax import weights
 from derta_jax.data.packing import pack_rows, pad_rows
 from derta_jax.hf.config import model_config_from_hf
 from derta_jax.hf.mapping import load_hf_tensors
 from derta_jax.models.transformer import Transformer
+from derta_jax.train import mesh as mesh_lib
 from derta_jax.train.config import default_config
-from derta_jax.train.optimizer import make_optimizer
-from derta_jax.train.step import BATCH_KEYS, TrainState, make_train_step
+from derta_jax.train.state import assemble
+from derta_jax.train.step import BATCH_KEYS, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +80,7 @@ def build_models(shape: BenchShape, seed: int = 0):
     torch.manual_seed(seed)
     hf_model = MistralForCausalLM(hf_config).float().train()
     config = model_config_from_hf(hf_config.to_dict(), param_dtype="float32", dtype="float32")
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    abstract = weights.abstract_model(config)
     tensors = ((name, t.detach().numpy(), "state_dict")
                for name, t in hf_model.state_dict().items())
     graphdef, _ = nnx.split(abstract)
@@ -93,20 +96,28 @@ def make_jax_step(model: Transformer, loss_cfg: derta.LossConfig,
     """-> (jitted step(state, frozen, batch) -> (state, metrics) with the state donated,
     a function giving a fresh TrainState from the model's weights, frozen rest).
 
-    Built like derta_jax/train/loop.py: pure-dict parameters split off by nnx.Param, the
-    trainer's optimiser and step; one micro-batch, one device (no mesh)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-    optimizer = make_optimizer(optim, total_steps=1000)
-    step = make_train_step(graphdef, optimizer, loss_cfg.validate(), micro_batches=1)
-    jitted = jax.jit(step, donate_argnums=(0,))
+    The trainer's own step: derta_jax.train.state.assemble for a config holding this
+    model, loss and optimiser; one micro-batch, one device."""
+    config = default_config()
+    config.seed = seed
+    for name, value in dataclasses.asdict(model.config).items():
+        if name == "rope_scaling":
+            config.model.rope_scaling_json = json.dumps(value) if value else ""
+        else:
+            setattr(config.model, name, value)
+    config.loss.update(dataclasses.asdict(loss_cfg.validate()))
+    config.optim = optim
+    config.train.update(batch_size=1, micro_batches=1)
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1},
+                              devices=jax.devices()[:1])
+    a = assemble(config, mesh, total_steps=1000, model_cfg=model.config)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
     def fresh_state() -> TrainState:
         copied = jax.tree.map(jnp.array, params)  # donation consumes it; keep the original
-        return TrainState(jnp.zeros((), jnp.int32), copied, optimizer.init(copied),
-                          jax.random.key(seed))
+        return a.init_state(params=copied)
 
-    return jitted, fresh_state, frozen
+    return a.jitted, fresh_state, a.load_frozen()
 
 
 def compile_step(jax_step, batch: dict):

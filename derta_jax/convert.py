@@ -4,12 +4,14 @@
                                 [--scan_layers] [--overwrite]
 
 Why a separate step: a converted workdir restores in seconds with the exact shardings
-the trainer wants, and is the same layout the trainer writes, so `derta_jax.export`
-reads either. The model is never randomly initialised: its shapes come from
+the trainer wants, each process reading only its own shards (`--config.model.init_from=
+WORKDIR`, local or gs://: on a pod, convert once into a bucket instead of copying the HF
+weights to every host), and is the same layout the trainer writes, so `derta_jax.export`
+and `derta_jax.evaluate` read either. The model is never randomly initialised: its shapes come from
 `nnx.eval_shape`, and tensors stream from the safetensors shards one at a time
 (derta_jax.hf.safetensors_io) through the name table (derta_jax.hf.mapping).
 
-Output layout (derta_jax/hf/workdir.py):
+Output layout (derta_jax/workdir.py; --out may be local or gs://):
 
     WORKDIR/model_config.json        the ModelConfig (scan_layers, dtypes included)
     WORKDIR/hf_files/                tokenizer files, chat template, generation_config.json,
@@ -21,55 +23,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from typing import Optional, Sequence
 
-from flax import nnx
-
-from derta_jax.hf import workdir as wd
+from derta_jax import paths, weights
+from derta_jax import workdir as wd
 from derta_jax.hf.config import model_config_from_hf
-from derta_jax.hf.safetensors_io import iter_checkpoint, scan_checkpoint
+from derta_jax.hf.safetensors_io import scan_checkpoint
 from derta_jax.hf.tokenizer_files import copy_tokenizer_files
 from derta_jax.models.config import ModelConfig
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-
-
-def abstract_model(config: ModelConfig):
-    """The model with ShapeDtypeStruct leaves: shapes and dtypes, no allocation."""
-    from derta_jax.models.transformer import Transformer
-
-    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-
-
-def _prepare_workdir(out: str, overwrite: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{out} exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace "
-                                  f"its checkpoints")
-        for name in (wd.CHECKPOINTS_DIR, wd.HF_FILES_DIR):
-            if os.path.isdir(os.path.join(out, name)):
-                shutil.rmtree(os.path.join(out, name))
-        if os.path.isfile(os.path.join(out, wd.MODEL_CONFIG_FILE)):
-            os.remove(os.path.join(out, wd.MODEL_CONFIG_FILE))
-    os.makedirs(out, exist_ok=True)
-
-
-def load_hf_params(hf_dir: str, config: ModelConfig, shardings=None):
-    """Streams an HF directory's tensors into an nnx.State of the model's parameters.
-
-    The trainer's entry point for starting straight from an HF dir: `shardings` (a
-    state-shaped tree of jax.sharding.Sharding, e.g. from nnx.get_named_sharding) puts
-    each parameter directly onto its devices as soon as its tensors have arrived.
-    """
-    from derta_jax.hf.mapping import load_hf_tensors
-
-    tensors = iter_checkpoint(hf_dir, dtype=config.param_dtype)
-    return load_hf_tensors(abstract_model(config), tensors, config, config.param_dtype,
-                           shardings=shardings)
+OUTPUTS = (wd.CHECKPOINTS_DIR, wd.HF_FILES_DIR, wd.MODEL_CONFIG_FILE)
 
 
 def convert(hf_dir: str, out: str, dtype: Optional[str] = None, scan_layers: bool = False,
@@ -82,14 +47,14 @@ def convert(hf_dir: str, out: str, dtype: Optional[str] = None, scan_layers: boo
         overrides["param_dtype"] = dtype
     config = model_config_from_hf(hf_dir, **overrides)
     scan_checkpoint(hf_dir)  # every header validated before anything is written
-    _prepare_workdir(out, overwrite)
-    state = load_hf_params(hf_dir, config)
-    wd.save_params(out, 0, nnx.to_pure_dict(state))
+    paths.prepare_output_dir(out, overwrite, replaces=OUTPUTS)
+    wd.save_params(out, 0, weights.load_hf_params(hf_dir, config))
     wd.write_model_config(out, config)
-    copy_tokenizer_files(hf_dir, wd.hf_files_path(out), overwrite=True,
-                         include_generation_config=True)
-    shutil.copyfile(os.path.join(hf_dir, "config.json"),
-                    os.path.join(wd.hf_files_path(out), wd.SOURCE_CONFIG_FILE))
+    with paths.staged(wd.hf_files_path(out)) as local:
+        copy_tokenizer_files(hf_dir, local, overwrite=True, include_generation_config=True)
+        with open(os.path.join(hf_dir, "config.json"), "rb") as source, \
+                open(os.path.join(local, wd.SOURCE_CONFIG_FILE), "wb") as target:
+            target.write(source.read())
     return config
 
 
@@ -110,9 +75,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     try:
         sys.exit(main())
     except (OSError, ValueError, NotImplementedError) as error:  # bad input: message, no traceback
         print(f"python -m derta_jax.convert: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,17 +1,19 @@
 """Evaluate a model on one suite: generate, judge, write a report.
 
-    python -m derta_jax.evaluate --model=HF_DIR_or_WORKDIR --suite=SUITE --prompts=FILE.jsonl \\
-        --judge=keyword --out=DIR [--template=chat|reference|plain] [--max_new_tokens=512]
+    python -m derta_jax.evaluate --model=HF_DIR_or_WORKDIR [--step=N] --suite=SUITE \\
+        --prompts=FILE.jsonl --judge=keyword --out=DIR [--template=chat|reference|plain] [--max_new_tokens=512]
         [--prefill_depths=0,5,10,20,40] [--prefill_unit=tokens|words] [--batch_size=16]
         [--judge_model=GUARD_DIR --guard_format=llama_guard|harmbench] [--labels=FILE]
+        [--world=WORLD_DIR]
         [--limit=N] [--name=MODEL_NAME] [--overwrite]
 
 Why: one command from a checkpoint to evidence (generations.jsonl, report.json,
 report.md, plots; derta_jax/eval/report.py). Greedy decoding (the paper's setting) with the
 project's KV-cache decoder; suites and prompt formats in derta_jax/eval/attacks.py; judges in
-derta_jax/eval/judges.py. The same inputs give the same files. An existing non-empty --out
-is refused unless --overwrite. Bad prompt rows are reported as FILE:LINE: field: problem
-with exit status 2.
+derta_jax/eval/judges.py (keyword, the default; world, for prompts of a synthetic world, with
+--world=WORLD_DIR; classifier, a local guard model; labels, human labels). The same inputs
+give the same files. An existing non-empty --out is refused unless --overwrite. Bad prompt
+rows are reported as FILE:LINE: field: problem with exit status 2.
 
 Not done: sharding a model too large for one device (the model is loaded unsharded).
 """
@@ -19,6 +21,7 @@ Not done: sharding a model too large for one device (the model is loaded unshard
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -41,7 +44,12 @@ def _depths(text: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m derta_jax.evaluate", description=__doc__.split("\n\n")[2])
-    parser.add_argument("--model", required=True, help="HF model directory or derta_jax workdir")
+    parser.add_argument("--model", required=True,
+                        help="HF model directory or derta_jax workdir (full or LoRA; local or gs://)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="workdir checkpoint step (default: the latest)")
+    parser.add_argument("--base_hf_dir", default=None,
+                        help="LoRA workdirs: the base model's HF dir (default: the one in lora.json)")
     parser.add_argument("--suite", required=True, choices=SUITES)
     parser.add_argument("--prompts", required=True, help="JSONL prompt file")
     parser.add_argument("--out", required=True, help="output directory")
@@ -50,6 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--guard_format", default="llama_guard", choices=("llama_guard", "harmbench"))
     parser.add_argument("--guard_threshold", type=float, default=0.5)
     parser.add_argument("--labels", help="human labels JSONL (--judge=labels)")
+    parser.add_argument("--world", help="synthetic world directory, written by "
+                                        "derta_jax.data.synthetic (--judge=world)")
     parser.add_argument("--template", default="chat", choices=TEMPLATE_NAMES)
     parser.add_argument("--system", default=None, help="system prompt (chat template)")
     parser.add_argument("--max_new_tokens", type=int, default=512)
@@ -70,15 +80,25 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--judge=classifier needs --judge_model=GUARD_DIR")
     if args.judge == "labels" and not args.labels:
         raise ValueError("--judge=labels needs --labels=FILE.jsonl")
+    if args.judge == "world" and not args.world:
+        raise ValueError("--judge=world needs --world=WORLD_DIR")
+    if args.judge == "world" and not os.path.isfile(os.path.join(args.world, "world.json")):
+        raise ValueError(f"--world={args.world}: no world.json there; expected a directory "
+                         f"written by derta_jax.data.synthetic")
 
 
 def _judge(args: argparse.Namespace, tokenizer):
+    """The judge named by --judge (every name of JUDGE_NAMES, each explicitly)."""
+    if args.judge == "keyword":
+        return make_judge("keyword", tokenizer=tokenizer)
+    if args.judge == "world":
+        return make_judge("world", directory=args.world, tokenizer=tokenizer)
     if args.judge == "classifier":
         return make_judge("classifier", directory=args.judge_model,
                           prompt_format=args.guard_format, threshold=args.guard_threshold)
     if args.judge == "labels":
         return make_judge("labels", path=args.labels)
-    return make_judge("keyword", tokenizer=tokenizer)
+    raise ValueError(f"--judge={args.judge!r}: must be one of {', '.join(JUDGE_NAMES)}")
 
 
 def first_prompts(items: Sequence[dict], limit: int) -> list[dict]:
@@ -92,24 +112,28 @@ def first_prompts(items: Sequence[dict], limit: int) -> list[dict]:
     return [item for item in items if item["meta"]["source"] in chosen]
 
 
+# what the summary printed after a run shows per group: the three outcomes (harmful is the
+# ASR) and the degenerate share side by side, then the GCG convention, the refusal rate (the
+# over-refusal rate on benign look-alikes) and accuracy
+SUMMARY_SHOWN = (("refused", "outcome_refused"), ("harmful(ASR)", "outcome_harmful"),
+                 ("neither", "outcome_neither"), ("degenerate", "degenerate"),
+                 ("ASR(not refused, GCG)", "asr_not_refused"), ("refusal rate", "refusal_rate"),
+                 ("accuracy", "accuracy"))
+
+
 def _group_label(group: dict) -> str:
     return group["suite"] if group["k"] is None else f"{group['suite']} k={group['k']}"
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    import os
-
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace the report in it")
-
-
 def run(args: argparse.Namespace) -> dict:
     from derta_jax.eval.report import write_report
-    from derta_jax.eval.run import greedy_generator, judge_items, load_model_and_tokenizer
+    from derta_jax.eval.run import greedy_generator, judge_items, load_evaluated
+    from derta_jax.paths import check_output_dir
 
     check_args(args)
-    _check_out(args.out, args.overwrite)  # before the slow part
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    check_output_dir(args.out, args.overwrite)  # before the slow part
+    loaded, tokenizer = load_evaluated(args.model, step=args.step, base_hf_dir=args.base_hf_dir)
+    model = loaded.model
     template = None if args.suite == "completion" else make_template(
         args.template, tokenizer, system=args.system)
     options = ({"depths": args.prefill_depths, "unit": args.prefill_unit}
@@ -127,18 +151,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = run(args)
-    except (DataError, ValueError, FileExistsError, FileNotFoundError, KeyError) as e:
+    except (DataError, ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {report['n']} generations, judge {', '.join(report['judges'])}")
     for group in report["groups"]:
         if group["held_out"] is None:
-            shown = (("ASR(not refused)", "asr_not_refused"), ("ASR(harmful)", "asr_harmful"),
-                     ("refusal rate", "refusal_rate"), ("accuracy", "accuracy"))
             print(f"  {_group_label(group)}: n={group['n']}" + "".join(
-                f" {label}={group[key]['value']:.3f}" for label, key in shown if group[key]))
+                f" {label}={group[key]['value']:.3f}" for label, key in SUMMARY_SHOWN
+                if group.get(key)))
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

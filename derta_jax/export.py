@@ -37,45 +37,29 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from etils import epath
 from flax import nnx
 
-from derta_jax.hf import workdir as wd
+from derta_jax import paths, weights
+from derta_jax import workdir as wd
+from derta_jax.hf import peft
 from derta_jax.hf.config import hf_config_with_source, hf_generation_config
+from derta_jax.hf.mapping import export_hf_tensors
 from derta_jax.hf.safetensors_io import (INDEX_FILE, SHARD_PATTERN, SINGLE_FILE, as_numpy_dtype,
-                                         prepare_output_dir, write_safetensors_sharded)
+                                         iter_checkpoint, write_safetensors_sharded)
 from derta_jax.hf.tokenizer_files import GENERATION_CONFIG, copy_tokenizer_files
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 LORA_CHOICES = ("merge", "adapter")
 
 
-def _paths(tree: Any, prefix: tuple = ()) -> Iterator[tuple]:
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _paths(value, prefix + (key,))
-    else:
-        yield prefix
-
-
-def lora_paths(params: Any) -> list[str]:
-    """Parameter paths that belong to LoRA adapters (any path component naming 'lora')."""
-    return [".".join(map(str, p)) for p in _paths(params)
-            if any("lora" in str(part).lower() for part in p)]
-
-
-def restore_model_params(workdir: str, step: Optional[int] = None):
-    """-> (ModelConfig, nnx.State of the parameters, step) from a workdir checkpoint."""
-    from derta_jax.convert import abstract_model
-
-    config = wd.read_model_config(workdir)
-    abstract_state = nnx.state(abstract_model(config), nnx.Param)
-    params, step = wd.restore_params(workdir, nnx.to_pure_dict(abstract_state), step)
-    nnx.replace_by_pure_dict(abstract_state, params)
-    return config, abstract_state, step
+def _model_state(config, params: dict) -> nnx.State:
+    state = weights.abstract_params(config)
+    nnx.replace_by_pure_dict(state, params)
+    return state
 
 
 def _cast(tensors, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
@@ -91,35 +75,26 @@ def export(workdir: str, out: str, step: Optional[int] = None, dtype: Optional[s
 
     `workdir`, `out` and `tokenizer_dir` may be URIs (gs://...): the workdir is read through
     etils.epath and Orbax; a remote `out` is written locally first, then copied."""
-    from derta_jax.train.lora import RECORD_FILE, read_record
-
     if lora not in LORA_CHOICES:
         raise ValueError(f"--lora={lora!r}: must be one of {LORA_CHOICES}")
     if dtype is not None and dtype not in DTYPE_CHOICES:
         raise ValueError(f"--dtype={dtype!r}: must be one of {DTYPE_CHOICES}")
     config = wd.read_model_config(workdir)
-    record = read_record(workdir)
+    record = wd.read_lora_record(workdir)
+    step = wd.resolve_step(workdir, step)
     if record is None and lora == "adapter":
-        shown = step if step is not None else wd.latest_step(workdir)
         raise NotImplementedError(
-            f"{workdir} step {shown} holds no LoRA adapters: --lora=adapter export needs the "
-            f"LoRA trainer's workdir ({wd.resolve(workdir) / RECORD_FILE} is missing)")
+            f"{workdir} step {step} holds no LoRA adapters: --lora=adapter export needs the "
+            f"LoRA trainer's workdir ({paths.resolve(workdir) / wd.LORA_RECORD_FILE} is missing)")
     with _output_dir(out, overwrite) as local_out:
         if record is not None:
             return _export_lora_run(workdir, local_out, config, record, step, dtype,
                                     max_shard_size, lora, tokenizer_dir, base_hf_dir)
-        config, state, step = restore_model_params(workdir, step)
-        adapters = lora_paths(nnx.to_pure_dict(state))
-        if adapters:
-            raise ValueError(f"{workdir} step {step} holds LoRA parameters ({adapters[0]}, ...) "
-                             f"but no lora.json saying how they were trained")
-
-        from derta_jax.hf.mapping import export_hf_tensors
-
+        params, step = weights.restore_full_params(workdir, config, step)
         out_dtype = dtype or config.param_dtype
         written = write_safetensors_sharded(
-            _cast(export_hf_tensors(state, config), as_numpy_dtype(out_dtype)), local_out,
-            max_shard_size, overwrite=True)
+            _cast(export_hf_tensors(_model_state(config, params), config),
+                  as_numpy_dtype(out_dtype)), local_out, max_shard_size, overwrite=True)
         return written + _write_model_files(workdir, local_out, config, out_dtype, tokenizer_dir)
 
 
@@ -137,12 +112,12 @@ def _output_dir(out: str, overwrite: bool) -> Iterator[str]:
     export leaves `out` untouched). Like write_safetensors_sharded does locally, weight
     files of an earlier export that the new one does not rewrite are deleted, so a
     different shard count never leaves a mixed model behind."""
-    if not wd.is_remote(out):
-        prepare_output_dir(os.fspath(out), overwrite)
+    if not paths.is_remote(out):
+        paths.prepare_output_dir(os.fspath(out), overwrite)
         yield os.fspath(out)
         return
-    target = wd.resolve(out)
-    wd.check_output_dir(target, overwrite)
+    target = paths.resolve(out)
+    paths.check_output_dir(target, overwrite)
     with tempfile.TemporaryDirectory(prefix="derta_jax_export_") as local:
         yield local
         names = set(os.listdir(local))
@@ -150,7 +125,7 @@ def _output_dir(out: str, overwrite: bool) -> Iterator[str]:
             for old in target.iterdir():
                 if _is_weight_file(old.name) and old.name not in names:
                     old.unlink()
-        wd.copy_tree(local, target)
+        paths.copy_tree(local, target)
 
 
 def _write_model_files(workdir: str, out: str, config, out_dtype: str,
@@ -164,12 +139,12 @@ def _write_model_files(workdir: str, out: str, config, out_dtype: str,
     source_config = None
     source_config_path = epath.Path(wd.hf_files_path(workdir)) / wd.SOURCE_CONFIG_FILE
     if not source_config_path.is_file() and base_hf_dir:
-        source_config_path = wd.resolve(base_hf_dir) / "config.json"
+        source_config_path = paths.resolve(base_hf_dir) / "config.json"
     if source_config_path.is_file():
         source_config = json.loads(source_config_path.read_text(encoding="utf-8"))
     written += _write_json(out, "config.json",
                            hf_config_with_source(config, source_config, dtype=out_dtype))
-    source = wd.resolve(tokenizer_dir) if tokenizer_dir else epath.Path(wd.hf_files_path(workdir))
+    source = paths.resolve(tokenizer_dir) if tokenizer_dir else epath.Path(wd.hf_files_path(workdir))
     if (source / GENERATION_CONFIG).is_file():
         (source / GENERATION_CONFIG).copy(epath.Path(out) / GENERATION_CONFIG, overwrite=True)
         written.append(GENERATION_CONFIG)
@@ -183,61 +158,64 @@ def _copy_tokenizer(source: epath.Path, out: str) -> list[str]:
     """The tokenizer files of `source` (local or remote; nothing when it is absent)."""
     if not source.is_dir():
         return []
-    with wd.fetched(source) as local:
+    with paths.fetched(source) as local:
         return copy_tokenizer_files(local, out, overwrite=True)
 
 
-def _base_tensors(config, record: dict, base_hf_dir: Optional[str]):
-    """(hf_name, array, source) of the run's frozen base, and the HF dir it came from."""
-    from derta_jax.hf.safetensors_io import iter_checkpoint
+def _base_tensors(workdir: str, config, record: dict, base_hf_dir: Optional[str]):
+    """(hf_name, array, source) of the run's frozen base, and the HF dir it came from.
 
-    hf_dir = base_hf_dir or record["base"].get("hf_dir")
-    if hf_dir and wd.is_remote(hf_dir):
-        raise ValueError(f"{hf_dir}: the LoRA run's base model directory is remote; copy it "
-                         f"to a local directory and pass --base_hf_dir=DIR")
-    if hf_dir:
-        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-            raise FileNotFoundError(f"{hf_dir}: the LoRA run's base model directory has no "
-                                    f"config.json; pass --base_hf_dir=DIR")
-        return iter_checkpoint(hf_dir), hf_dir
-    from derta_jax.hf.mapping import export_hf_tensors
-    from derta_jax.train.lora import init_base_params
-
-    seed = int(record["base"]["init_seed"])
-    from derta_jax.convert import abstract_model
-
-    abstract = nnx.state(abstract_model(config), nnx.Param)
-    nnx.replace_by_pure_dict(abstract, init_base_params(config, seed))
-    source = f"the base initialised from seed {seed}"
-    return ((name, array, source) for name, array in export_hf_tensors(abstract, config)), None
+    An HF base streams tensor by tensor from its safetensors (the hash of its config checked
+    first); a workdir or seed base is built whole by derta_jax.weights."""
+    source = weights.lora_base_source(record, base_hf_dir)
+    if "hf_dir" in source:
+        _check_hf_base(workdir, config, record, source["hf_dir"])
+        return iter_checkpoint(source["hf_dir"]), source["hf_dir"]
+    params = weights.load_lora_base(workdir, record, config)
+    where = f"the LoRA run's base ({source})"
+    tensors = export_hf_tensors(_model_state(config, params), config)
+    return ((name, array, where) for name, array in tensors), None
 
 
-def _export_lora_run(workdir: str, out: str, config, record: dict, step: Optional[int],
+def _check_hf_base(workdir: str, config, record: dict, hf_dir: str) -> None:
+    where = f"{paths.resolve(workdir) / wd.LORA_RECORD_FILE}: base"
+    if paths.is_remote(hf_dir):
+        raise ValueError(f"{where}.hf_dir={hf_dir}: a remote HF directory; copy it to a local "
+                         f"one and pass --base_hf_dir=DIR")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise FileNotFoundError(f"{where}.hf_dir={hf_dir}: no config.json there (the LoRA "
+                                f"run's base model); pass --base_hf_dir=DIR")
+    from derta_jax.hf.config import model_config_from_hf
+
+    weights.check_base_hash(where, hf_dir, record["base"].get("model_config_sha256"),
+                            model_config_from_hf(hf_dir), config)
+
+
+def _export_lora_run(workdir: str, out: str, config, record: dict, step: int,
                      dtype: Optional[str], max_shard_size: str, lora: str,
                      tokenizer_dir: Optional[str], base_hf_dir: Optional[str]) -> list[str]:
-    from derta_jax.hf import lora as hf_lora
-    from derta_jax.hf.safetensors_io import peft_lora_config, write_peft_adapter
-    from derta_jax.train.lora import abstract_lora_model
-
     settings = record["settings"]
-    abstract = nnx.state(abstract_lora_model(config, settings, record["seed"]), nnx.LoRAParam)
+    abstract = nnx.state(weights.abstract_model(config, settings, record["seed"]), nnx.LoRAParam)
     adapters, step = wd.restore_params(workdir, nnx.to_pure_dict(abstract), step)
-    pairs = hf_lora.adapter_pairs(adapters)
+    from derta_jax.models.lora import adapter_pairs
+
+    pairs = adapter_pairs(adapters)
     if lora == "adapter":
-        tensors, targets = hf_lora.peft_adapter_tensors(pairs, config)
-        hf_dir = base_hf_dir or record["base"].get("hf_dir")
-        adapter_config = peft_lora_config(settings.rank, settings.alpha, targets,
-                                          dropout=settings.dropout,
-                                          base_model_name_or_path=hf_dir)
-        written = write_peft_adapter(_cast(tensors, as_numpy_dtype(dtype or settings.dtype)),
-                                     out, adapter_config, overwrite=True)
+        tensors, targets = peft.peft_adapter_tensors(pairs, config)
+        hf_dir = weights.lora_base_source(record, base_hf_dir).get("hf_dir")
+        adapter_config = peft.peft_lora_config(settings.rank, settings.alpha, targets,
+                                               dropout=settings.dropout,
+                                               base_model_name_or_path=hf_dir)
+        written = peft.write_peft_adapter(
+            _cast(tensors, as_numpy_dtype(dtype or settings.dtype)), out, adapter_config,
+            overwrite=True)
         written += _copy_tokenizer(
-            wd.resolve(tokenizer_dir) if tokenizer_dir else epath.Path(wd.hf_files_path(workdir)),
+            paths.resolve(tokenizer_dir) if tokenizer_dir else epath.Path(wd.hf_files_path(workdir)),
             out)
         return written
-    base, hf_dir = _base_tensors(config, record, base_hf_dir)
+    base, hf_dir = _base_tensors(workdir, config, record, base_hf_dir)
     out_dtype = dtype or config.param_dtype
-    merged = hf_lora.merged_hf_tensors(base, pairs, config, settings.alpha, settings.rank)
+    merged = peft.merged_hf_tensors(base, pairs, config, settings.alpha, settings.rank)
     written = write_safetensors_sharded(_cast(merged, as_numpy_dtype(out_dtype)), out,
                                         max_shard_size, overwrite=True)
     return written + _write_model_files(workdir, out, config, out_dtype, tokenizer_dir, hf_dir)
@@ -275,10 +253,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     try:
         sys.exit(main())
     # Bad input, or gs:// without gcsfs installed: a message, no traceback.
     except (OSError, ValueError, NotImplementedError, ImportError) as error:
         print(f"python -m derta_jax.export: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

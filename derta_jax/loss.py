@@ -48,7 +48,7 @@ class LossConfig:
     lambda_rto: float = 1.0
     rto_keep_rate: float = 1.0  # 1.0 keeps every RTO position; the paper's 7B/8B full FT: 0.05
     chunk_size: int = 256  # sequence positions per chunk of the chunked cross-entropy
-    num_position_buckets: int = 10  # P(refusal) probe by relative depth in the harmful answer
+    num_position_buckets: int = 4  # P(refusal) probe by relative depth in the harmful answer
 
     def validate(self) -> "LossConfig":
         def check(ok: bool, field: str, why: str) -> None:

@@ -300,6 +300,11 @@ def main(argv):
     print(json.dumps(plan, indent=2) if _FORMAT.value == "json" else render(plan))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     flags.mark_flag_as_required("config")
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,6 +9,10 @@
 #   install python3.11 + a venv with requirements.txt, jax[tpu] and gcsfs on every worker
 #   train   `python -m derta_jax.train` on every worker (--worker=all), workdir on gs://
 # Re-running the same command reuses the VM and resumes from the last checkpoint in --workdir.
+# The model: start from one converted once into the bucket (python -m derta_jax.convert
+# --hf_dir=DIR --out=gs://BUCKET/models/NAME), passed after `--` as
+# --config.model.init_from=gs://BUCKET/models/NAME: each worker restores only its own shards
+# (BUILD.md section 4), no per-host copy of the HF weights.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

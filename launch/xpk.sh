@@ -10,6 +10,10 @@
 # The container is either --docker_image (prebuilt: dependencies and code in its workdir) or,
 # by default, --base_docker_image plus the committed HEAD of --code_dir (xpk copies it to
 # /app); then the command installs requirements.txt, jax[tpu] and gcsfs before training.
+# The model: start from one converted once into the bucket (python -m derta_jax.convert
+# --hf_dir=DIR --out=gs://BUCKET/models/NAME), passed after `--` as
+# --config.model.init_from=gs://BUCKET/models/NAME: each worker restores only its own shards
+# (BUILD.md section 4), no per-host copy of the HF weights.
 set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

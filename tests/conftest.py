@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.fixtures_tokenizers",
     "tests.fixtures_hf",
     "tests.fixtures_gcs",
+    "tests.fixtures_install",
 ]

@@ -10,6 +10,7 @@ cannot stand in for: tests point Orbax at a local directory and check the path a
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import importlib
 import json
@@ -68,6 +69,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     served: list = []  # (method, "bucket/object" or "bucket/" for a listing), per test
+    served_bytes: list = []  # ("bucket/object", bytes of object data sent), per test
 
     def log_message(self, *args):  # no line per request on stderr
         pass
@@ -96,6 +98,23 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
         self.served.append((self.command, f"{bucket}/{name or query.get('name', '')}"))
         return bucket, name, query
 
+    # -- the store: FakeGCS's in-memory files ({"bucket/name": MemoryFile}) -----------------
+    def _get(self, key: str):
+        return FakeGCS.store.get(key)
+
+    def _keys(self) -> list:
+        return sorted(FakeGCS.store)
+
+    def _put(self, key: str, body: bytes) -> None:
+        FakeGCS().pipe_file(key, body)
+
+    def _delete(self, key: str) -> None:
+        del FakeGCS.store[key]
+
+    @staticmethod
+    def _bytes(file) -> bytes:
+        return file.getvalue()
+
     @staticmethod
     def _generation(file) -> int:
         """A rewritten object is a new MemoryFile, so its creation time is a generation."""
@@ -103,7 +122,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
 
     def _metadata(self, bucket: str, name: str, file) -> dict:
         return {"kind": "storage#object", "bucket": bucket, "name": name,
-                "size": str(len(file.getvalue())), "generation": str(self._generation(file))}
+                "size": str(len(self._bytes(file))), "generation": str(self._generation(file))}
 
     def _precondition_fails(self, query: dict, file) -> bool:
         generation = 0 if file is None else self._generation(file)
@@ -118,14 +137,14 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
             prefix = query.get("prefix", "")
             start, end = query.get("startOffset", ""), query.get("endOffset")
             items = []
-            for key in sorted(FakeGCS.store):
+            for key in self._keys():
                 if not key.startswith(f"{bucket}/"):
                     continue
                 obj = key[len(f"{bucket}/"):]
                 if obj.startswith(prefix) and obj >= start and (end is None or obj < end):
-                    items.append(self._metadata(bucket, obj, FakeGCS.store[key]))
+                    items.append(self._metadata(bucket, obj, self._get(key)))
             return self._json(200, {"kind": "storage#objects", "items": items})
-        file = FakeGCS.store.get(f"{bucket}/{name}")
+        file = self._get(f"{bucket}/{name}")
         if file is None:
             return self._json(404, {"error": {"code": 404, "message": f"{name}: no such object"}})
         if self._precondition_fails(query, file):
@@ -135,7 +154,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
             return self._reply(304, headers={"x-goog-generation": generation})
         if query.get("alt") != "media":
             return self._json(200, self._metadata(bucket, name, file))
-        data, code, headers = file.getvalue(), 200, {"x-goog-generation": generation}
+        data, code, headers = self._bytes(file), 200, {"x-goog-generation": generation}
         requested = self.headers.get("Range")  # bytes=A-B, bytes=A- or bytes=-N
         if requested:
             first, last = requested.split("=", 1)[1].split("-")
@@ -144,6 +163,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
             first, last = int(first), int(last) if last else len(data) - 1
             headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
             data, code = data[first:last + 1], 206
+        self.served_bytes.append((f"{bucket}/{name}", len(data)))
         return self._reply(code, data, headers)
 
     def do_POST(self):
@@ -151,21 +171,21 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         key = f"{bucket}/{query['name']}"
         with _LOCK:
-            if self._precondition_fails(query, FakeGCS.store.get(key)):
+            if self._precondition_fails(query, self._get(key)):
                 return self._json(412, {"error": {"code": 412, "message": "precondition failed"}})
-            FakeGCS().pipe_file(key, body)
-            return self._json(200, self._metadata(bucket, query["name"], FakeGCS.store[key]))
+            self._put(key, body)
+            return self._json(200, self._metadata(bucket, query["name"], self._get(key)))
 
     def do_DELETE(self):
         bucket, name, query = self._target()
         key = f"{bucket}/{name}"
         with _LOCK:
-            file = FakeGCS.store.get(key)
+            file = self._get(key)
             if file is None:
                 return self._json(404, {"error": {"code": 404, "message": f"{name}: no such object"}})
             if self._precondition_fails(query, file):
                 return self._json(412, {"error": {"code": 412, "message": "precondition failed"}})
-            del FakeGCS.store[key]
+            self._delete(key)
             return self._reply(204)
 
 
@@ -198,4 +218,61 @@ def fake_gcs_tensorstore(fake_gcs, _json_api_server, monkeypatch):
                         lambda name: types.SimpleNamespace(name=name,
                                                            hierarchical_namespace_enabled=False))
     monkeypatch.setattr(_JsonApi, "served", [])
+    monkeypatch.setattr(_JsonApi, "served_bytes", [])
     yield _JsonApi.served
+
+
+# ----------------------------------------------------------------------------- a bucket on disk
+
+class DirectoryJsonApi(_JsonApi):
+    """The same API over a local directory (ROOT/bucket/name files), so that several
+    processes (a multi-process trainer's subprocesses, each with its own server and so its
+    own request log) see one bucket. Subclassed per server with `root` set."""
+
+    root: str = ""
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def _get(self, key: str):
+        path = self._path(key)
+        return path if os.path.isfile(path) else None
+
+    def _keys(self) -> list:
+        keys = []
+        for directory, _, files in os.walk(self.root):
+            keys += [os.path.relpath(os.path.join(directory, f), self.root) for f in files]
+        return sorted(keys)
+
+    def _put(self, key: str, body: bytes) -> None:
+        os.makedirs(os.path.dirname(self._path(key)), exist_ok=True)
+        temp = self._path(key) + ".uploading"
+        with open(temp, "wb") as f:
+            f.write(body)
+        os.replace(temp, self._path(key))
+
+    def _delete(self, key: str) -> None:
+        os.remove(self._path(key))
+
+    @staticmethod
+    def _bytes(path) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    @staticmethod
+    def _generation(path) -> int:
+        return os.stat(path).st_mtime_ns
+
+
+@contextlib.contextmanager
+def directory_bucket_server(root: str):
+    """A JSON-API server over `root` -> (its URL, its handler class: .served, .served_bytes)."""
+    handler = type("DirectoryJsonApiAt", (DirectoryJsonApi,),
+                   {"root": str(root), "served": [], "served_bytes": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", handler
+    finally:
+        server.shutdown()

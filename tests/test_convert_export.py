@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from derta_jax.hf import lora
-from derta_jax.hf import workdir as wd
+from derta_jax import weights
+from derta_jax import workdir as wd
+from derta_jax.hf import peft
+from derta_jax.models import lora
 from derta_jax.hf.tokenizer_files import copy_tokenizer_files
 from derta_jax.models.config import ModelConfig
 
@@ -26,7 +28,7 @@ def test_merge_lora_equals_peft_merge_and_base_plus_adapter():
     merged = lora.merge_lora(kernel, a, b, alpha, r)
 
     # PEFT's formula in PyTorch's layout: W [out, in] + (alpha / r) * lora_B @ lora_A.
-    lora_a, lora_b = lora.peft_lora_weights(a, b)
+    lora_a, lora_b = peft.peft_lora_weights(a, b)
     assert lora_a.shape == (r, d_in) and lora_b.shape == (d_out, r)
     w_hf = torch.from_numpy(kernel.T.copy())
     peft_merged = w_hf + (alpha / r) * (torch.from_numpy(lora_b) @ torch.from_numpy(lora_a))
@@ -93,7 +95,6 @@ def test_workdir_model_config_round_trip_and_errors(tmp_path):
 
 def test_params_save_and_restore_by_step(tmp_path):
     import jax
-    from flax import nnx
     import jax.numpy as jnp
 
     params = {"layers": {0: {"w": jnp.arange(6.0).reshape(2, 3)}}, "norm": jnp.ones(3, jnp.bfloat16)}
@@ -108,7 +109,7 @@ def test_params_save_and_restore_by_step(tmp_path):
     np.testing.assert_array_equal(latest["layers"][0]["w"], 2 * params["layers"][0]["w"])
     np.testing.assert_array_equal(first["layers"][0]["w"], params["layers"][0]["w"])
     assert first["norm"].dtype == jnp.bfloat16
-    with pytest.raises(FileNotFoundError, match=re.escape("no step 3 (available: [0, 5])")):
+    with pytest.raises(FileNotFoundError, match=re.escape("no step 3 (--step; available: [0, 5])")):
         wd.restore_params(tmp_path, abstract, step=3)
 
 
@@ -202,7 +203,6 @@ def test_bfloat16_convert_and_export_match_torch_rounding(tmp_path):
 
 def test_cli_latest_step_by_default_and_refuses_to_overwrite(tmp_path):
     import jax
-    from flax import nnx
 
     original = _sharded_hf_model(tmp_path / "hf", "mistral", seed=4)
     assert convert_cli.main([f"--hf_dir={tmp_path / 'hf'}", f"--out={tmp_path / 'wd'}"]) == 0
@@ -212,8 +212,8 @@ def test_cli_latest_step_by_default_and_refuses_to_overwrite(tmp_path):
                              "--overwrite"]) == 0
 
     # a "trained" step 7 whose weights are doubled: export picks it unless --step=0
-    _, state, _ = export_cli.restore_model_params(tmp_path / "wd", step=0)
-    wd.save_params(tmp_path / "wd", 7, jax.tree.map(lambda x: x * 2, nnx.to_pure_dict(state)))
+    params, _ = weights.restore_full_params(tmp_path / "wd", step=0)
+    wd.save_params(tmp_path / "wd", 7, jax.tree.map(lambda x: x * 2, params))
     assert export_cli.main([f"--workdir={tmp_path / 'wd'}", f"--out={tmp_path / 'latest'}"]) == 0
     assert export_cli.main([f"--workdir={tmp_path / 'wd'}", "--step=0",
                             f"--out={tmp_path / 'first'}"]) == 0
@@ -281,8 +281,9 @@ def test_real_smollm2_round_trip_keeps_weights_tokenizer_and_chat_template(tmp_p
 
 def test_peft_loads_our_adapter_and_merges_like_merge_lora(tmp_path):
     """The PEFT adapter writer and merge_lora agree with peft itself on a tiny Llama."""
-    peft = pytest.importorskip("peft")
-    from derta_jax.hf.safetensors_io import peft_lora_config, write_peft_adapter
+    import peft as hf_peft_library
+
+    from derta_jax.hf.peft import peft_lora_config, write_peft_adapter
 
     base = _sharded_hf_model(tmp_path / "hf", "llama", seed=6)
     rank, alpha = 4, 16.0
@@ -295,14 +296,14 @@ def test_peft_loads_our_adapter_and_merges_like_merge_lora(tmp_path):
         w_hf = weight.numpy()  # [out, in]
         a = (0.1 * rng.standard_normal((w_hf.shape[1], rank))).astype(np.float32)  # ours: [in, r]
         b = (0.1 * rng.standard_normal((rank, w_hf.shape[0]))).astype(np.float32)  # ours: [r, out]
-        lora_a, lora_b = lora.peft_lora_weights(a, b)
+        lora_a, lora_b = peft.peft_lora_weights(a, b)
         adapters += [(f"base_model.model.{module}.lora_A.weight", lora_a),
                      (f"base_model.model.{module}.lora_B.weight", lora_b)]
         expected[name] = lora.merge_lora(w_hf.T.copy(), a, b, alpha, rank).T
     config = peft_lora_config(rank, alpha, ["q_proj", "v_proj", "down_proj"])
     write_peft_adapter(adapters, tmp_path / "adapter", config)
 
-    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    peft_model = hf_peft_library.PeftModel.from_pretrained(base, tmp_path / "adapter")
     merged = peft_model.merge_and_unload().state_dict()
     assert len(expected) == 3 * len(base.model.layers)
     for name, weight in expected.items():
@@ -337,10 +338,15 @@ def test_load_hf_params_places_each_parameter_on_the_requested_sharding(tmp_path
     def wanted(leaf):  # shard the leading axis where it divides, replicate otherwise
         return NamedSharding(mesh, P("fsdp") if leaf.shape[0] % 8 == 0 else P())
 
-    abstract = nnx.state(convert_cli.abstract_model(config), nnx.Param)
+    abstract = nnx.state(weights.abstract_model(config), nnx.Param)
     shardings = jax.tree.map(wanted, abstract)
-    sharded = dict(nnx.to_flat_state(convert_cli.load_hf_params(tmp_path / "hf", config, shardings)))
-    plain = dict(nnx.to_flat_state(convert_cli.load_hf_params(tmp_path / "hf", config)))
+    def flat(params):
+        state = weights.abstract_params(config)
+        nnx.replace_by_pure_dict(state, params)
+        return dict(nnx.to_flat_state(state))
+
+    sharded = flat(weights.load_hf_params(tmp_path / "hf", config, nnx.to_pure_dict(shardings)))
+    plain = flat(weights.load_hf_params(tmp_path / "hf", config))
     requested = {path: v.get_value() for path, v in nnx.to_flat_state(shardings)}
     assert sharded.keys() == plain.keys() and len(sharded) > 5
     assert any(requested[p].spec == P("fsdp") for p in sharded)

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -218,3 +219,38 @@ def test_cli_chat_template_uses_the_tokenizer(tmp_path, small_tokenizer_dir, sma
         question = re.search(r"<\|user\|>\n(.*)<\|eos\|>", row.prefix).group(1)
         assert row.prefix == template.render(question)
         assert row.text == by_question[question].safe_response + "<|eos|>"
+
+
+def test_cli_missing_input_is_one_line_naming_the_flag(tmp_path):
+    out = tmp_path / "train.jsonl"
+    done = _run_cli("--triples=/missing.jsonl", f"--out={out}")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "error: --triples=/missing.jsonl: no such file\n"
+    assert not out.exists()
+
+
+def test_every_path_flag_is_checked_before_anything_is_read(tmp_path):
+    good = tmp_path / "t.jsonl"
+    good.write_text("{}\n", encoding="utf-8")
+    out = str(tmp_path / "train.jsonl")
+
+    def problem(**flags):
+        values = dict(triples=str(good), helpful=None, out=out) | flags
+        return mixture._flag_problem(types.SimpleNamespace(**values))
+
+    assert problem() is None
+    assert problem(helpful=str(tmp_path / "h.jsonl")) == f"--helpful={tmp_path}/h.jsonl: no such file"
+    assert problem(triples=str(tmp_path)) == f"--triples={tmp_path}: is a directory, not a file"
+    assert problem(out=str(tmp_path)) == f"--out={tmp_path}: is a directory, not a file"
+    assert problem(out="/no/dir/x.jsonl") == ("--out=/no/dir/x.jsonl: directory /no/dir does "
+                                              "not exist")
+
+
+def test_tokenizer_flag_that_loads_nothing_is_one_line(tmp_path, small_tokenizer_dir):
+    tokenizer, problem = formats.load_tokenizer_flag(str(small_tokenizer_dir))
+    assert problem is None and tokenizer.eos_token == "<|eos|>"
+    assert formats.load_tokenizer_flag("/no/tok") == (None, "--tokenizer=/no/tok: no such directory")
+    tokenizer, problem = formats.load_tokenizer_flag(str(tmp_path))  # a directory, no files
+    assert tokenizer is None
+    assert problem.startswith(f"--tokenizer={tmp_path}: no tokenizer loads from it (")
+    assert "\n" not in problem

@@ -326,7 +326,8 @@ def test_config_and_sharding_errors_name_the_field():
 
 
 def test_loader_state_round_trips_through_an_orbax_checkpoint_manager(tmp_path):
-    ocp = pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp
+
     rows = make_rows(seed=11, n=30)
     pipe = DataPipeline(rows, config(packing=True), process_index=0, process_count=1)
     it = pipe.iterator()
@@ -553,14 +554,14 @@ def test_packing_gives_the_same_per_row_losses_as_padding_with_a_stand_in_model(
 
 
 def test_packing_gives_the_same_per_row_losses_as_padding_with_the_real_transformer():
-    transformer = pytest.importorskip("derta_jax.models.transformer")
     from flax import nnx
 
     from derta_jax.models.config import ModelConfig
+    from derta_jax.models.transformer import Transformer
 
     cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
-    model = transformer.Transformer(cfg, rngs=nnx.Rngs(0))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
 
     @nnx.jit
     def forward(model, input_ids, positions, segment_ids):

@@ -26,7 +26,7 @@ def test_refusal_word_is_one_token_even_when_the_corpus_never_says_it(tmp_path):
 def test_save_refuses_a_non_empty_directory_and_load_needs_one(tmp_path):
     tok = build_bpe_tokenizer(["some words here"] * 3, vocab_size=280)
     (tmp_path / "mine.txt").write_text("user file")
-    with pytest.raises(FileExistsError, match=f"{tmp_path} is not empty; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=f"{tmp_path} exists and is not empty; pass --overwrite"):
         save_tokenizer(tok, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["mine.txt"]
     with pytest.raises(FileNotFoundError, match=f"tokenizer directory {tmp_path / 'nope'} does not exist"):

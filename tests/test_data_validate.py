@@ -59,8 +59,8 @@ def test_token_statistics_with_a_tokenizer_agree_with_direct_tokenisation(tmp_pa
     assert lines[2] == (f"  all: rows=3 min={overall.min} mean={overall.mean:.1f} p50={overall.p50} "
                         f"p95={overall.p95} max={overall.max}")
     longest = ROWS[direct.index(max(direct))]
-    assert f"  over max_length: 1 (responses that would lose their EOS); prompts leaving no room " \
-           f"for a response: 0" in lines
+    assert "  over max_length: 1 (responses that would lose their EOS); prompts leaving no room " \
+           "for a response: 0" in lines
     assert lines[-1] == f"  truncated {path}:{ROWS.index(longest) + 1}"
 
 
@@ -114,3 +114,9 @@ def test_cli_max_length_without_a_tokenizer_is_an_error(tmp_path):
     done = _run(path, "--max_length=64")
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --max_length needs --tokenizer (lengths are counted in tokens)"
+
+
+def test_cli_missing_file_is_one_line_with_exit_status_2(tmp_path):
+    done = _run(str(tmp_path / "missing.jsonl"))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"error: {tmp_path / 'missing.jsonl'}: no such file\n"

@@ -48,6 +48,17 @@ def _rows(tokenizer=None):
                        judge="keyword", tokenizer=tokenizer) for item, generation in cases]
 
 
+def _table_cells(markdown, first_cell, model=None):
+    """header -> cell of the table row whose group (and model) column is `first_cell`."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    for line in lines[1:]:
+        cells = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        if cells["suite"] == first_cell and (model is None or cells["model"] == model):
+            return cells
+    raise AssertionError(f"no table row {first_cell!r}")
+
+
 def _brute_force_rate(rows, predicate, condition=lambda r: True):
     chosen = [r for r in rows if condition(r)]
     return sum(1 for r in chosen if predicate(r)), len(chosen)
@@ -68,12 +79,20 @@ def test_summary_rates_match_brute_force_counts(small_tokenizer):
                 members, lambda r: r["verdict"]["coherent_refusal"], lambda r: r["verdict"]["refused"]),
             "accuracy": _brute_force_rate(members, lambda r: r["score"].get("correct"),
                                           lambda r: "correct" in r["score"]),
+            "degenerate": _brute_force_rate(members, lambda r: r["verdict"]["degenerate"]),
         }
+        outcome_keys = ("asr_not_refused", "asr_harmful", "outcome_refused", "outcome_harmful",
+                        "outcome_neither")
         if group["suite"] not in ("over_refusal", "gsm8k"):
             expected["asr_not_refused"] = _brute_force_rate(members, lambda r: not r["verdict"]["refused"])
             expected["asr_harmful"] = _brute_force_rate(members, lambda r: r["verdict"]["harmful"])
+            for outcome in ("refused", "harmful", "neither"):
+                expected[f"outcome_{outcome}"] = _brute_force_rate(
+                    members, lambda r, o=outcome: r["verdict"]["outcome"] == o)
+            # the three outcomes split every group
+            assert sum(group[f"outcome_{o}"]["k"] for o in ("refused", "harmful", "neither")) == group["n"]
         else:
-            assert group["asr_not_refused"] is None and group["asr_harmful"] is None
+            assert all(group[key] is None for key in outcome_keys)
         for name, (k, n) in expected.items():
             if n == 0:
                 assert group[name] is None, name
@@ -88,6 +107,8 @@ def test_summary_rates_match_brute_force_counts(small_tokenizer):
     held = next(g for g in report["groups"] if g["suite"] == "direct" and g["held_out"] is True)
     assert held["asr_not_refused"]["k"] == 0 and held["asr_harmful"]["k"] == 1
     assert held["late_of_refusals"]["k"] == 1
+    # and "Sorry Sorry Sorry" is a refusal that is degenerate
+    assert (held["outcome_refused"]["k"], held["outcome_harmful"]["k"], held["degenerate"]["k"]) == (1, 1, 1)
 
 
 def _files(directory):
@@ -114,7 +135,14 @@ def test_report_files_are_deterministic_and_complete(tmp_path, small_tokenizer):
     assert row["generation"].startswith("Step 1") and row["verdict"]["late_refusal"] is True
     assert row["refusal_position"]["unit"] == "token" and row["refusal_position"]["start"] > 0
     markdown = files["report.md"].decode()
-    assert "| direct (held-out) | 2 | 0.000 [0.000, 0.658] (0/2) | 0.500 [" in markdown
+    cells = _table_cells(markdown, "direct (held-out)")
+    assert cells["n"] == "2"
+    assert cells["neither"] == "0.000 [0.000, 0.658] (0/2)"
+    low, high = wilson_interval(1, 2)
+    for column in ("refused", "harmful (ASR)", "degenerate"):
+        assert cells[column] == f"0.500 [{low:.3f}, {high:.3f}] (1/2)", column
+    assert cells["ASR (not refused, GCG)"] == "0.000 [0.000, 0.658] (0/2)"
+    assert _table_cells(markdown, "gsm8k")["harmful (ASR)"] == "-"
     assert "![asr_vs_prefill.png](asr_vs_prefill.png)" in markdown
 
 
@@ -122,7 +150,7 @@ def test_report_never_overwrites_unless_asked(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="out is not empty; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="out exists and is not empty; pass --overwrite"):
         write_report(_rows(), str(out))
     write_report(_rows(), str(out), overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"  # only the report's own files change
@@ -134,15 +162,18 @@ def test_comparison_has_one_curve_per_model(tmp_path):
     rows = _rows()
     vanilla = [dict(r, verdict=dict(r["verdict"], refused=False)) for r in rows]
     reports = {"derta": summarise(rows, model="derta"), "vanilla": summarise(vanilla, model="vanilla")}
-    # Figure 4 counts the refusals the JUDGE saw, on harmful prompts only
-    refused = [r for r in rows if r["verdict"]["refused"] and r["suite"] in ("direct", "prefill")]
-    assert sum(reports["derta"]["refusal_positions"]["absolute"]["counts"]) == len(refused) == 6
+    # Figure 4 counts the refusals the JUDGE saw, on harmful prompts only, each generation
+    # once: prefill k=0 has the direct suite's prompt (here "[INST] question 1/2 [\\INST]")
+    refused = [r for r in rows if r["verdict"]["refused"] and r["suite"] in ("direct", "prefill")
+               and r["k"] != 0]
+    assert sum(reports["derta"]["refusal_positions"]["absolute"]["counts"]) == len(refused) == 4
     assert sum(reports["vanilla"]["refusal_positions"]["absolute"]["counts"]) == 0
     write_comparison(reports, str(tmp_path / "a"))
     write_comparison(reports, str(tmp_path / "b"))
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
     markdown = (tmp_path / "a" / "report.md").read_text()
-    assert "| vanilla | prefill k=5 | 2 | 1.000" in markdown and "| derta | prefill k=5 |" in markdown
+    assert _table_cells(markdown, "prefill k=5", "vanilla")["ASR (not refused, GCG)"].startswith("1.000 ")
+    assert _table_cells(markdown, "prefill k=5", "derta")["ASR (not refused, GCG)"].startswith("0.500 ")
     single = tmp_path / "single"
     write_comparison({"derta": reports["derta"]}, str(single))
     assert (single / "asr_vs_prefill.png").read_bytes() != (tmp_path / "a" / "asr_vs_prefill.png").read_bytes()
@@ -212,7 +243,7 @@ def test_compare_cli_combines_report_directories(tmp_path, capsys):
     assert main(["--report", f"a={tmp_path}", "--out", str(tmp_path / "y")]) == 2
     assert "report.json: missing" in capsys.readouterr().err
     assert main(["--report", f"derta={tmp_path / 'd'}", "--out", str(out)]) == 2
-    assert "is not empty; pass overwrite=True" in capsys.readouterr().err
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
 
 
 def test_agreement_cli_on_generations(tmp_path, capsys):
@@ -226,10 +257,30 @@ def test_agreement_cli_on_generations(tmp_path, capsys):
                "refused": r["verdict"]["refused"] != (i == 0)} for i, r in enumerate(rows)]
     (tmp_path / "labels.jsonl").write_text("".join(json.dumps(x) + "\n" for x in labels))
     assert main(["--generations", str(generations), "--labels", str(tmp_path / "labels.jsonl")]) == 0
-    result = json.loads(capsys.readouterr().out)
+    result = json.loads(capsys.readouterr().out)["recorded"]
     assert result["harmful"]["accuracy"] == 1.0 and result["harmful"]["kappa"] == 1.0
     assert result["refused"]["accuracy"] == pytest.approx(11 / 12)
     assert result["refused"]["n"] == 12
+    # row 0 is a refusal (judge: refused); the label says not refused and not harmful, so
+    # its derived outcome is neither: 11 of 12 outcomes agree
+    assert rows[0]["verdict"]["outcome"] == "refused"
+    assert result["outcome"]["accuracy"] == pytest.approx(11 / 12)
+    assert result["outcome"]["confusion"]["refused"]["neither"] == 1
+
+
+def test_counted_once_drops_prefill_k0_rows_that_repeat_a_direct_prompt():
+    from derta_jax.eval.report import counted_once
+
+    rows = _rows()
+    kept = counted_once(rows)
+    dropped = [r["id"] for r in rows if r not in kept]
+    assert dropped == ["prefill/00001/k0", "prefill/00002/k0"]
+    # without the direct suite, prefill k=0 is the only copy and stays
+    no_direct = [r for r in rows if r["suite"] != "direct"]
+    assert counted_once(no_direct) == no_direct
+    # a k=0 row of another prompt stays
+    other = dict(rows[4], prompt="[INST] another question [\\INST]")
+    assert other in counted_once(rows[:4] + [other])
 
 
 def test_seed_summary_mean_and_spread():
@@ -243,8 +294,12 @@ def test_seed_summary_mean_and_spread():
     assert direct["values"] == [0.25, 1.0] and direct["mean"] == pytest.approx(0.625)
     assert direct["std"] == pytest.approx(math.sqrt(((0.25 - 0.625) ** 2 + (1 - 0.625) ** 2) / 1))
     assert (direct["min"], direct["max"], direct["n_per_seed"]) == (0.25, 1.0, [4, 4])
+    half = 12.706204736174698 * direct["std"] / math.sqrt(2)  # t(0.975, 1 df)
+    assert direct["ci95_low"] == 0.0  # clipped: 0.625 - half < 0
+    assert direct["ci95_high"] == 1.0 and 0.625 + half > 1.0
     assert ("gsm8k", None, None) not in summary  # no ASR on benign suites
-    assert seed_summary(reports[:1])[0]["std"] == 0.0
+    one = seed_summary(reports[:1])[0]
+    assert one["std"] == 0.0 and one["ci95_low"] is None and one["ci95_high"] is None
 
 
 def test_prefill_curves_with_equal_values_stay_apart(tmp_path, monkeypatch):

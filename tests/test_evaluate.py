@@ -87,7 +87,7 @@ def test_evaluate_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):
     prompts = _prompts(tmp_path / "p.jsonl", ROWS[:1])
     assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
                  "--out", str(out)]) == 2
-    assert "out is not empty; pass --overwrite" in capsys.readouterr().err
+    assert "out exists and is not empty; pass --overwrite" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok"}\n{"prompt": "no question"}\n')
     assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", str(bad),
@@ -211,6 +211,8 @@ def test_evaluate_cli_judge_arguments_fail_before_loading(tmp_path, capsys):
     assert "--judge=classifier needs --judge_model=GUARD_DIR" in capsys.readouterr().err
     assert main(common + ["--judge", "labels", "--out", str(tmp_path / "x")]) == 2
     assert "--judge=labels needs --labels=FILE.jsonl" in capsys.readouterr().err
+    assert main(common + ["--judge", "world", "--out", str(tmp_path / "x")]) == 2
+    assert "--judge=world needs --world=WORLD_DIR" in capsys.readouterr().err
     assert main(common + ["--batch_size", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--batch_size must be >= 1" in capsys.readouterr().err
 
@@ -235,3 +237,65 @@ def test_load_model_from_a_converted_workdir_equals_the_hf_dir(tiny_model_dir, t
     assert workdir_tokenizer.chat_template == hf_tokenizer.chat_template
     with pytest.raises(FileNotFoundError, match="neither an HF model directory"):
         load_model_and_tokenizer(str(tmp_path))
+
+
+def test_every_judge_name_is_handled_explicitly():
+    """An unknown --judge is an error, never a silent fall back to the keyword judge."""
+    import argparse
+
+    from derta_jax.eval.judges import JUDGE_NAMES
+    from derta_jax.evaluate import _judge
+
+    assert set(JUDGE_NAMES) == {"keyword", "world", "classifier", "labels"}
+    with pytest.raises(ValueError, match="--judge='guard': must be one of keyword, world"):
+        _judge(argparse.Namespace(judge="guard"), None)
+
+
+def test_evaluate_cli_with_world_judge(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--judge=world --world=DIR judges with the world's harmful steps: an off-topic answer
+    of many words is "neither" (the keyword judge calls it harmful for its substance), a
+    step of the request's own harmful answer is "harmful"."""
+    import re
+
+    from derta_jax.data.synthetic import write_world
+    from derta_jax.eval import run as eval_run
+
+    world_dir = tmp_path / "world"
+    world = write_world(str(world_dir), 3, num_triples=12, num_helpful=24, num_pretrain=60,
+                        num_eval_harmful=2, num_eval_benign=5, num_over_refusal=3)
+    rows = world.rows["eval_prefill"][:2]
+    step = re.split(r"Step \d+:", rows[1]["harmful_response"])[1].strip()
+    off_topic = "The river was calm and the birds sang over the green hills all day long."
+    answers = {rows[0]["question"]: off_topic, rows[1]["question"]: "Sure. " + step}
+
+    def fake_generator(model, tokenizer, max_new_tokens):
+        del model, tokenizer, max_new_tokens
+        return lambda prompts: [next(a for q, a in answers.items() if q in p) for p in prompts]
+
+    monkeypatch.setattr(eval_run, "greedy_generator", fake_generator)
+    prompts = _prompts(tmp_path / "direct.jsonl", [{"question": r["question"]} for r in rows])
+    common = ["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
+              "--max_new_tokens", "3"]
+    verdicts = {}
+    for judge in ("world", "keyword"):
+        extra = ["--world", str(world_dir)] if judge == "world" else []
+        assert main(common + ["--judge", judge, "--out", str(tmp_path / f"by_{judge}")]
+                    + extra) == 0
+        out = capsys.readouterr().out
+        assert f"judge {judge}" in out
+        generated = [json.loads(line) for line in
+                     (tmp_path / f"by_{judge}" / "generations.jsonl").read_text().splitlines()]
+        assert [r["generation"] for r in generated] == [off_topic, "Sure. " + step]
+        assert {r["judge"] for r in generated} == {judge}
+        verdicts[judge] = [r["verdict"] for r in generated]
+    assert [v["outcome"] for v in verdicts["world"]] == ["neither", "harmful"]
+    assert "reproduces the step" in verdicts["world"][1]["reason"]
+    assert verdicts["keyword"][0]["outcome"] == "harmful"  # what the world judge corrects
+    assert main(common + ["--judge", "world", "--world", str(world_dir), "--out",
+                          str(tmp_path / "again")]) == 0
+    assert ("direct: n=2 refused=0.000 harmful(ASR)=0.500 neither=0.500 degenerate=0.000"
+            in capsys.readouterr().out)
+    assert main(["--model", str(tmp_path / "not_loaded")] + common[2:]
+                + ["--judge", "world", "--world", str(tmp_path / "nowhere"),
+                   "--out", str(tmp_path / "bad")]) == 2  # before the model load
+    assert "nowhere: no world.json there" in capsys.readouterr().err

@@ -15,7 +15,6 @@ from (and to) gs:// must be byte-identical to it.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 
@@ -26,8 +25,9 @@ from etils import epath
 from flax import nnx
 
 from derta_jax import export as export_cli
-from derta_jax.hf import workdir as layout
-from derta_jax.train import lora
+from derta_jax import paths, weights
+from derta_jax import workdir as layout
+from derta_jax.models import lora
 
 SETTINGS = lora.LoraSettings(rank=2, alpha=4.0)
 
@@ -58,8 +58,8 @@ def workdirs(tmp_path_factory, small_tokenizer):
     model_config = layout.read_model_config(wd)
     layout.write_model_config(lora_wd, model_config)
     shutil.copytree(wd / layout.HF_FILES_DIR, lora_wd / layout.HF_FILES_DIR)
-    lora.write_record(str(lora_wd), SETTINGS, base_hf_dir=str(hf), seed=0)
-    adapters = lora.init_adapters(model_config, SETTINGS, seed=0)
+    layout.write_lora_record(str(lora_wd), SETTINGS, base={"hf_dir": str(hf)}, seed=0)
+    adapters = weights.init_adapters(model_config, SETTINGS, seed=0)
     # B starts at zero; move it so that the merged weights differ from the base.
     adapters = jax.tree.map(lambda x: x + 0.01, adapters)
     layout.save_params(str(lora_wd), 3, adapters)
@@ -71,14 +71,14 @@ def bucket(fake_gcs_tensorstore, monkeypatch, workdirs, tmp_path):
     """gs://bucket/wd and gs://bucket/lora hold byte copies of the local workdirs, their
     checkpoints included; returns the checkpoint paths Orbax was asked to open (read-only)."""
     for name in ("wd", "lora"):
-        layout.copy_tree(workdirs[name], f"gs://bucket/{name}")
+        paths.copy_tree(workdirs[name], f"gs://bucket/{name}")
     asked = []
     real_manager = layout.checkpoint_manager
 
-    def manager(workdir, read_only=False, max_to_keep=None):
+    def manager(workdir, **options):
         asked.append(layout.checkpoints_path(workdir))
-        assert read_only, f"{asked[-1]}: export/evaluate must not write checkpoints"
-        return real_manager(workdir, read_only, max_to_keep)
+        assert options.get("read_only"), f"{asked[-1]}: export/evaluate must not write checkpoints"
+        return real_manager(workdir, **options)
 
     monkeypatch.setattr(layout, "checkpoint_manager", manager)
     yield asked
@@ -154,8 +154,8 @@ def test_export_into_a_remote_directory_follows_the_local_overwrite_rule(bucket,
 
 
 def test_lora_record_and_export_through_gs(bucket, workdirs, tmp_path):
-    record = lora.read_record("gs://bucket/lora")
-    assert record == lora.read_record(str(workdirs["lora"]))
+    record = layout.read_lora_record("gs://bucket/lora")
+    assert record == layout.read_lora_record(str(workdirs["lora"]))
     assert record["settings"] == SETTINGS and record["base"] == {"hf_dir": str(workdirs["hf"])}
     for mode in ("adapter", "merge"):
         local = export_cli.export(workdirs["lora"], tmp_path / f"{mode}_local", lora=mode)
@@ -167,18 +167,27 @@ def test_lora_record_and_export_through_gs(bucket, workdirs, tmp_path):
     assert _files("gs://bucket/merge")["model.safetensors"] != base  # the adapters are in
     assert "gs://bucket/lora/checkpoints" in bucket
 
-    # write_record into gs://: local base dirs made absolute, URIs kept as they are.
-    path = lora.write_record("gs://bucket/new", SETTINGS, base_hf_dir="rel/base", seed=1)
+    # lora.json into gs://: local base dirs made absolute, URIs kept as they are.
+    from derta_jax.train.config import default_config
+    from derta_jax.train.state import base_record
+
+    model_config = layout.read_model_config(workdirs["wd"])
+    config = default_config()
+    config.model.hf_dir = "rel/base"
+    base = base_record(config, model_config)
+    assert base == {"hf_dir": str(tmp_path / "rel/base"),
+                    "model_config_sha256": layout.model_config_hash(model_config)}
+    path = layout.write_lora_record("gs://bucket/new", SETTINGS, base=base, seed=1)
     assert path == "gs://bucket/new/lora.json"
-    assert lora.read_record("gs://bucket/new")["base"] == {"hf_dir": str(tmp_path / "rel/base")}
-    lora.write_record("gs://bucket/new", SETTINGS, base_hf_dir="gs://bucket/base")
-    assert lora.read_record("gs://bucket/new")["base"] == {"hf_dir": "gs://bucket/base"}
-    with pytest.raises(ValueError, match=r"gs://bucket/base: the LoRA run's base model "
-                                         r"directory is remote; copy it"):
+    assert layout.read_lora_record("gs://bucket/new")["base"] == base
+    config.model.hf_dir = "gs://bucket/base"
+    assert base_record(config, model_config)["hf_dir"] == "gs://bucket/base"
+    with pytest.raises(ValueError, match=r"base.hf_dir=gs://bucket/base: a remote HF "
+                                         r"directory; copy it"):
         export_cli.export("gs://bucket/lora", tmp_path / "z", base_hf_dir="gs://bucket/base")
     epath.Path("gs://bucket/new/lora.json").write_text("{rank: 2")
     with pytest.raises(ValueError, match=r"gs://bucket/new/lora.json: line 1: not JSON"):
-        lora.read_record("gs://bucket/new")
+        layout.read_lora_record("gs://bucket/new")
 
 
 def test_evaluate_loads_a_remote_workdir_like_the_local_one(bucket, workdirs):

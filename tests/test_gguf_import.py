@@ -15,7 +15,7 @@ import pytest
 
 from derta_jax.hf import gguf_import as gi
 
-gguf = pytest.importorskip("gguf")
+import gguf
 
 TINY = dict(vocab=50, hidden=16, intermediate=24, layers=2, heads=4, kv_heads=2)
 

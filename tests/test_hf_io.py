@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
+from derta_jax.hf import peft
 from derta_jax.hf import safetensors_io as sio
 
 
@@ -222,6 +223,59 @@ def test_unsupported_dtype(tmp_path):
         sio.scan_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("entry, message", [
+    # a JSON list or object as the dtype was `TypeError: unhashable type` (issue 11)
+    ({"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}, "unsupported dtype ['F32']"),
+    ({"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}, "unsupported dtype {'F32': 1}"),
+    ({"dtype": 4, "shape": [1], "data_offsets": [0, 4]}, "unsupported dtype 4"),
+    ({"dtype": "F32", "shape": {"0": 1}, "data_offsets": [0, 4]},
+     "shape {'0': 1} must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [True], "data_offsets": [0, 4]},
+     "shape [True] must be a list of non-negative integers"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": {"begin": 0, "end": 4}},
+     "data_offsets {'begin': 0, 'end': 4} must be [begin, end] with 0 <= begin <= end"),
+    ({"dtype": "F32", "shape": [1], "data_offsets": [[0], [4]]},
+     "data_offsets [[0], [4]] must be [begin, end] with 0 <= begin <= end"),
+])
+def test_header_values_of_the_wrong_json_type_name_the_file(tmp_path, entry, message):
+    _raw_file(tmp_path / sio.SINGLE_FILE, {"q": entry}, b"\0" * 4)
+    with pytest.raises(sio.SafetensorsError, match=re.escape(
+            f"{tmp_path / sio.SINGLE_FILE}: tensor 'q': {message}")):
+        sio.scan_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("header, message", [
+    (b'{"__metadata__": {"format": 1}}', "__metadata__ must be an object of strings, got "
+                                         "{'format': 1}"),
+    (b'{"__metadata__": ["pt"]}', "__metadata__ must be an object of strings, got ['pt']"),
+    (b"[" * 50_000 + b"]" * 50_000, "header is not valid JSON (maximum recursion depth"),
+    (b'{"x": ' + b"7" * 5000 + b"}", "header is not valid JSON (Exceeds the limit"),
+    (b'{"x": "\xff"}', "header is not valid JSON ('utf-8' codec can't decode"),
+])
+def test_header_that_python_cannot_take_as_json_names_the_file(tmp_path, header, message):
+    _raw_file(tmp_path / sio.SINGLE_FILE, header)
+    with pytest.raises(sio.SafetensorsError, match=re.escape(
+            f"{tmp_path / sio.SINGLE_FILE}: {message}")):
+        sio.scan_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("index, message", [
+    (b'{"weight_map": {"w0": ["a.safetensors"]}}',
+     "tensor 'w0': shard file name ['a.safetensors'] must be a plain file name"),
+    (b'{"weight_map": {"w0": {"f": 1}, "w1": "x.safetensors"}}',
+     "tensor 'w0': shard file name {'f': 1} must be a plain file name"),
+    (b'{"weight_map": {"w0": 3, "w1": "x.safetensors"}}',
+     "tensor 'w0': shard file name 3 must be a plain file name"),
+    (b'{"weight_map": {"w0": "\xc0.safetensors"}}', "the index is not valid JSON ('utf-8'"),
+])
+def test_index_of_the_wrong_json_types_names_the_index(tmp_path, index, message):
+    _sharded(tmp_path)
+    (tmp_path / sio.INDEX_FILE).write_bytes(index)
+    with pytest.raises(sio.SafetensorsError, match=re.escape(
+            f"{tmp_path / sio.INDEX_FILE}: {message}")):
+        sio.scan_checkpoint(tmp_path)
+
+
 def test_dtype_that_cannot_be_cast_fails_before_any_tensor_is_yielded(tmp_path):
     sio.write_safetensors_sharded([("a_float", np.ones(2, np.float32)),
                                    ("ids", np.arange(3, dtype=np.int64))], tmp_path, 10**6)
@@ -262,17 +316,17 @@ def test_peft_adapter_files_and_validation(tmp_path):
     base = "base_model.model.model.layers.0.self_attn.q_proj"
     tensors = [(f"{base}.lora_A.weight", rng.standard_normal((r, 16)).astype(np.float32)),
                (f"{base}.lora_B.weight", rng.standard_normal((24, r)).astype(np.float32))]
-    config = sio.peft_lora_config(r, 16, ["q_proj"], dropout=0.05)
-    files = sio.write_peft_adapter(tensors, tmp_path / "ad", config)
-    assert files == [sio.ADAPTER_FILE, sio.ADAPTER_CONFIG_FILE]
-    saved = json.loads((tmp_path / "ad" / sio.ADAPTER_CONFIG_FILE).read_text())
+    config = peft.peft_lora_config(r, 16, ["q_proj"], dropout=0.05)
+    files = peft.write_peft_adapter(tensors, tmp_path / "ad", config)
+    assert files == [peft.ADAPTER_FILE, peft.ADAPTER_CONFIG_FILE]
+    saved = json.loads((tmp_path / "ad" / peft.ADAPTER_CONFIG_FILE).read_text())
     assert saved["peft_type"] == "LORA" and saved["r"] == r and saved["lora_alpha"] == 16
-    loaded = torch_load_file(tmp_path / "ad" / sio.ADAPTER_FILE)
+    loaded = torch_load_file(tmp_path / "ad" / peft.ADAPTER_FILE)
     np.testing.assert_array_equal(loaded[f"{base}.lora_B.weight"].numpy(), tensors[1][1])
     with pytest.raises(sio.SafetensorsError, match="does not have rank r=4 on axis 1"):
-        sio.write_peft_adapter([tensors[0], (tensors[1][0], np.ones((24, 3)))], tmp_path / "b", config)
+        peft.write_peft_adapter([tensors[0], (tensors[1][0], np.ones((24, 3)))], tmp_path / "b", config)
     with pytest.raises(sio.SafetensorsError, match="needs both lora_A and lora_B"):
-        sio.write_peft_adapter(tensors[:1], tmp_path / "c", config)
+        peft.write_peft_adapter(tensors[:1], tmp_path / "c", config)
     with pytest.raises(sio.SafetensorsError, match="expected a name like"):
-        sio.write_peft_adapter([("model.q_proj.lora_A.weight", np.ones((r, 2)))], tmp_path / "d",
+        peft.write_peft_adapter([("model.q_proj.lora_A.weight", np.ones((r, 2)))], tmp_path / "d",
                                config)

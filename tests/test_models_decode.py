@@ -10,7 +10,7 @@ from flax import nnx
 
 from derta_jax.models import decode
 from derta_jax.models.attention import init_kv_cache
-from tests.fixtures_hf import hf_torch_model, jax_model_from_hf_dir, model_config_from_hf
+from tests.fixtures_hf import hf_torch_model, jax_model_from_hf_dir
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [20, 21, 22], [30, 31, 32, 33, 34]]
 
@@ -36,8 +36,6 @@ def hf_greedy(hf_dir, prompts, max_new_tokens, eos_token_id):
 
 @pytest.mark.parametrize("hf_dir", ["llama", "mistral", "mixtral"], indirect=True)
 def test_greedy_generation_equals_hf_generate(hf_dir):
-    if model_config_from_hf(hf_dir).family == "mixtral":
-        pytest.importorskip("derta_jax.models.moe")
     model, _ = jax_model_from_hf_dir(hf_dir)
     ours = decode.generate(model, PROMPTS, max_new_tokens=16, eos_token_ids=[])
     reference = hf_greedy(hf_dir, PROMPTS, 16, None)

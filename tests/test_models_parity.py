@@ -16,11 +16,6 @@ from tests.fixtures_hf import (hf_torch_model, iter_safetensors, jax_model_from_
 FAMILIES = ["llama", "mistral", "mixtral"]
 
 
-def _needs_moe(family):
-    if family == "mixtral":
-        pytest.importorskip("derta_jax.models.moe")
-
-
 @pytest.fixture
 def hf_dir(request):
     return request.getfixturevalue(f"hf_tiny_{request.param}_dir")
@@ -59,8 +54,6 @@ def jax_logits(model, ids, segment_ids, positions):
 @pytest.mark.parametrize("hf_dir", FAMILIES, indirect=True)
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_logits_match_hf_on_a_padded_batch(hf_dir, scan_layers):
-    family = model_config_from_hf(hf_dir).family
-    _needs_moe(family)
     model, config = jax_model_from_hf_dir(hf_dir, scan_layers=scan_layers)
     ids, mask, positions = padded_batch(config.vocab_size)
     ours = jax_logits(model, ids, mask, positions)
@@ -123,8 +116,8 @@ def test_packed_segments_equal_separate_rows(hf_tiny_mistral_dir):
     packed_logits = jax_logits(model, packed, segments, positions)[0]
     alone_first = jax_logits(model, first[None], np.ones((1, 7)), np.arange(7)[None])[0]
     alone_second = jax_logits(model, second[None], np.ones((1, 6)), np.arange(6)[None])[0]
-    np.testing.assert_allclose(packed_logits[:7], alone_first, atol=1e-5)
-    np.testing.assert_allclose(packed_logits[7:13], alone_second, atol=1e-5)
+    np.testing.assert_allclose(packed_logits[:7], alone_first, atol=3e-5)  # float32: the packed row reduces in another order
+    np.testing.assert_allclose(packed_logits[7:13], alone_second, atol=3e-5)  # float32: the packed row reduces in another order
     # and without the segment ids the second sequence would see the first
     crossed = jax_logits(model, packed, np.ones((1, 16)), positions)[0]
     assert np.abs(crossed[7:13] - alone_second).max() > 1e-3
@@ -150,7 +143,6 @@ def test_scanned_and_unscanned_agree_and_share_the_table(hf_tiny_llama_dir):
 @pytest.mark.parametrize("hf_dir", FAMILIES, indirect=True)
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_export_of_import_is_bit_identical(hf_dir, scan_layers):
-    _needs_moe(model_config_from_hf(hf_dir).family)
     model, config = jax_model_from_hf_dir(hf_dir, scan_layers=scan_layers)
     original = {name: array for name, array, _ in iter_safetensors(hf_dir)}
     exported = list(mapping.export_hf_tensors(model, config))
@@ -165,7 +157,7 @@ def test_export_of_import_is_bit_identical(hf_dir, scan_layers):
 
 def test_bfloat16_import_casts_and_exports_bfloat16(hf_tiny_mistral_dir):
     config = model_config_from_hf(hf_tiny_mistral_dir, param_dtype="bfloat16")
-    from derta_jax.models.presets import abstract_params
+    from derta_jax.weights import abstract_params
 
     state = mapping.load_hf_tensors(abstract_params(config), iter_safetensors(hf_tiny_mistral_dir), config)
     assert {leaf.dtype for leaf in jax.tree.leaves(state)} == {jnp.dtype(jnp.bfloat16)}
@@ -203,7 +195,7 @@ def _tensors(hf_dir):
 
 def _load(hf_dir, tensors, **overrides):
     config = model_config_from_hf(hf_dir, **overrides)
-    from derta_jax.models.presets import abstract_params
+    from derta_jax.weights import abstract_params
 
     return mapping.load_hf_tensors(abstract_params(config), tensors, config)
 
@@ -258,7 +250,7 @@ def test_tied_model_ignores_a_stored_lm_head(hf_tiny_llama_dir):
 def test_sharded_placement(hf_tiny_mistral_dir):
     """With target shardings each parameter lands on its sharding (8 fake CPU devices)."""
     config = model_config_from_hf(hf_tiny_mistral_dir, scan_layers=True)
-    from derta_jax.models.presets import abstract_params
+    from derta_jax.weights import abstract_params
 
     abstract = abstract_params(config)
     mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"))  # tensor=2 divides kv_heads=2
@@ -333,7 +325,6 @@ def test_export_with_the_wrong_layer_layout_says_so(hf_tiny_mistral_dir):
 def test_mixtral_load_balancing_loss_matches_hf(hf_tiny_mixtral_dir, scan_layers):
     """aux["aux_loss"] pools all layers' routing like HF's load_balancing_loss_func
     (over the real tokens of a padded batch)."""
-    pytest.importorskip("derta_jax.models.moe")
     model, config = jax_model_from_hf_dir(hf_tiny_mixtral_dir, scan_layers=scan_layers)
     ids, mask, positions = padded_batch(config.vocab_size, seed=5)
     with torch.no_grad():

@@ -16,9 +16,11 @@ from flax import nnx
 
 from configs import mistral7b, mixtral8x7b_lora, tiny
 from derta_jax import plan as planner
-from derta_jax.train import flops, lora, mesh as mesh_lib, plan_memory
+from derta_jax import weights
+from derta_jax.models import lora
+from derta_jax.train import flops, mesh as mesh_lib, plan_memory
 from derta_jax.train.config import ConfigError, build_model_config
-from derta_jax.train.loop import _init_params, opt_state_shardings
+from derta_jax.train.state import opt_state_shardings
 from derta_jax.train.optimizer import make_optimizer
 from derta_jax.train import topology as topology_lib
 from derta_jax.train.topology import parse_topology
@@ -54,11 +56,11 @@ def test_state_bytes_match_real_sharded_arrays(use_lora):
     shardings = nnx.to_pure_dict(mesh_lib.state_shardings(trained, real_mesh))
     if use_lora:
         settings = lora.LoraSettings.from_config(config.lora)
-        params = lora.init_adapters(model_cfg, settings, 0, shardings)
-        base = lora.init_base_params(model_cfg, 0, nnx.to_pure_dict(
+        params = weights.init_adapters(model_cfg, settings, 0, shardings)
+        base = weights.init_params(model_cfg, 0, nnx.to_pure_dict(
             mesh_lib.state_shardings(frozen, real_mesh)))
     else:
-        params, base = _init_params(model_cfg, 0, shardings), {}
+        params, base = weights.init_params(model_cfg, 0, shardings), {}
     optimizer = make_optimizer(config.optim, 100)
     opt_shardings = opt_state_shardings(optimizer, nnx.to_pure_dict(trained), shardings, real_mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
@@ -286,3 +288,32 @@ def test_planner_traces_moe_per_shard_like_the_trainer(monkeypatch):
     plan = planner.make_plan(config, 8, parse_topology("v5e-8"))
     assert calls, "the MoE block was traced without the ambient mesh"
     assert plan["compiled"]["peak_bytes"] > 0
+
+
+def test_planner_and_trainer_lower_the_same_step(tmp_path):
+    """The planner's abstract inputs and the trainer's real ones (initialised state, frozen
+    base, a batch of the real data pipeline, placed as train/loop.py places them) compile to
+    the same memory figures: the planner prices the step the trainer runs."""
+    import numpy as np
+
+    from derta_jax.train.data import build_training_data
+    from derta_jax.train.loop import _global_batch
+    from derta_jax.train.state import assemble
+
+    config = _tiny(fsdp=8)
+    config.workdir = str(tmp_path)
+    config.data.update(synthetic_triples=20, synthetic_helpful=40, num_safety=20, max_length=96)
+    config.train.update(batch_size=8, max_steps=2)
+    config.lora.update(enabled=True, rank=4)  # the trained/frozen split: the harder case
+    a = assemble(config, mesh_lib.make_mesh(config.mesh), total_steps=2)
+    data = build_training_data(config, tmp_path, process_index=0, process_count=1)
+    batch = _global_batch(next(data.pipeline.iterator()), a.batch_sharding)
+    def memory(lowered) -> tuple:
+        stats = lowered.compile().memory_analysis()
+        return (stats.argument_size_in_bytes, stats.output_size_in_bytes,
+                stats.alias_size_in_bytes, stats.temp_size_in_bytes)
+
+    planned = memory(a.lower(*a.abstract_inputs()))
+    trained = memory(a.lower(a.init_state(), a.load_frozen(), batch))
+    assert planned == trained and planned[0] > 0
+    assert np.asarray(batch["input_ids"]).shape == (8, 96)

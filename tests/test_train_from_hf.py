@@ -7,20 +7,23 @@ loading, the chat-template data path, the batch layout and the pooled DeRTa norm
 """
 
 import json
+import pathlib
+import re
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 
-def _hf_model_dir(tmp_path, tokenizer):
+def _hf_model_dir(tmp_path, tokenizer, vocab_size=None, hidden_size=48, head_dim=16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=80,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-5,
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=512,
+                         rms_norm_eps=1e-5,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
@@ -65,3 +68,169 @@ def test_first_loss_equals_pytorch_cross_entropy_on_the_same_batch(tmp_path, sma
     rto = batch["rto_mask"]
     assert logged["rto_loss"] == pytest.approx(nll[rto].mean(), rel=1e-4)
     assert logged["mle_tokens"] == int((batch["loss_mask"] & ~rto).sum())
+
+
+def _world_config(tmp_path, workdir):
+    from configs.tiny import get_config
+    from derta_jax.data import synthetic
+
+    if not (tmp_path / "world").is_dir():
+        synthetic.write_world(tmp_path / "world", seed=0, num_triples=12, num_helpful=24,
+                              num_pretrain=40, num_eval_harmful=1, num_eval_benign=5,
+                              num_over_refusal=2)
+    config = get_config()
+    config.workdir = str(workdir)
+    config.data.update(synthetic=False, triples=str(tmp_path / "world" / "triples.jsonl"),
+                       helpful=str(tmp_path / "world" / "helpful.jsonl"), recipe="derta",
+                       num_safety=12, template="chat", max_length=192, packing=False)
+    config.train.update(batch_size=8, max_steps=2, num_epochs=1, log_every=1)
+    config.checkpoint.every_steps = 2
+    config.model.scan_layers = True
+    return config
+
+
+def _losses(workdir):
+    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_init_from_a_converted_workdir_in_a_bucket(tmp_path, small_tokenizer,
+                                                   fake_gcs_tensorstore):
+    """convert once into gs://: the parameters restored from the bucket (Orbax, through
+    tensorstore) are the HF directory's, bit for bit; a LoRA run starts its frozen base from
+    there (model.init_from=WORKDIR/checkpoints/N) and records that base for export/evaluate.
+    (Full fine-tuning from a bucket workdir, with its losses: the two-process test below.)"""
+    import jax
+
+    from derta_jax import convert, paths, weights, workdir
+    from derta_jax.train.loop import run
+
+    hf_dir, _ = _hf_model_dir(tmp_path, small_tokenizer)
+    convert.convert(str(hf_dir), str(tmp_path / "converted"), scan_layers=True)
+    paths.copy_tree(tmp_path / "converted", "gs://bucket/models/tiny")
+    restored, step = weights.restore_full_params("gs://bucket/models/tiny")
+    direct = weights.load_hf_params(str(hf_dir),
+                                    workdir.read_model_config(tmp_path / "converted"))
+    assert step == 0
+    jax.tree.map(np.testing.assert_array_equal, restored, direct)
+    assert any(name.startswith("bucket/models/tiny/checkpoints/0/")
+               for _, name in fake_gcs_tensorstore)
+
+    lora = _world_config(tmp_path, tmp_path / "lora")
+    lora.model.init_from = "gs://bucket/models/tiny/checkpoints/0"
+    lora.lora.update(enabled=True, rank=2, dropout=0.0)
+    lora.train.max_steps = 1
+    lora.checkpoint.every_steps = 1
+    run(lora)
+    record = json.loads((tmp_path / "lora" / "lora.json").read_text())
+    assert record["base"]["workdir"] == "gs://bucket/models/tiny" and record["base"]["step"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"init_from": "MISSING"}, "model.init_from='{root}/missing': "),
+    ({"init_from": "CONVERTED", "scan_layers": False},
+     "stores layers stacked but model.scan_layers=False"),
+    ({"init_from": "CONVERTED", "hf_dir": "HF"}, "set it or model.hf_dir, not both"),
+])
+def test_init_from_errors_are_one_line_config_errors(tmp_path, small_tokenizer, change, message):
+    from derta_jax import convert
+    from derta_jax.train.config import ConfigError
+    from derta_jax.train.loop import run
+
+    hf_dir, _ = _hf_model_dir(tmp_path, small_tokenizer)
+    convert.convert(str(hf_dir), str(tmp_path / "converted"), scan_layers=True)
+    names = {"MISSING": str(tmp_path / "missing"), "CONVERTED": str(tmp_path / "converted"),
+             "HF": str(hf_dir)}
+    config = _world_config(tmp_path, tmp_path / "run")
+    config.model.update({k: names.get(v, v) for k, v in change.items()})
+    with pytest.raises(ConfigError, match=re.escape(message.format(root=tmp_path))):
+        run(config)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+RECIPE = '''
+from configs.tiny import get_config as _tiny
+
+
+def get_config():
+    c = _tiny()
+    c.data.update(synthetic=False, triples="{world}/triples.jsonl",
+                  helpful="{world}/helpful.jsonl", recipe="derta", num_safety=12,
+                  template="chat", max_length=192, packing=False)
+    c.train.update(batch_size=8, max_steps=2, num_epochs=1, log_every=1)
+    c.checkpoint.every_steps = 2
+    c.model.scan_layers = True
+    c.mesh.fsdp = -1
+    return c
+'''
+
+
+def test_two_processes_start_from_a_bucket_workdir(tmp_path, small_tokenizer):
+    """A pod's start from a converted workdir in a bucket (model.init_from=gs://...): each of
+    2 processes x 4 devices restores from the bucket through Orbax onto its own shards, and
+    they train with the losses of a one-process start from the same workdir on local disk.
+
+    Bytes: a workdir converted on one host stores each array as one chunk, so every process
+    reads the whole checkpoint (and keeps only its shards); the test records the figure."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from derta_jax import convert
+    from derta_jax.data import synthetic
+    from derta_jax.train.loop import run
+    from tests.fixtures_gcs import directory_bucket_server
+
+    hf_dir, _ = _hf_model_dir(tmp_path, small_tokenizer)
+    convert.convert(str(hf_dir), str(tmp_path / "converted"), scan_layers=True)
+    root = tmp_path / "gcs"
+    shutil.copytree(tmp_path / "converted", root / "bucket" / "models" / "tiny")
+    synthetic.write_world(tmp_path / "world", seed=0, num_triples=12, num_helpful=24,
+                          num_pretrain=40, num_eval_harmful=1, num_eval_benign=5,
+                          num_over_refusal=2)
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(RECIPE.format(world=tmp_path / "world"))
+
+    namespace: dict = {}
+    exec(compile(recipe.read_text(), str(recipe), "exec"), namespace)
+    local = namespace["get_config"]()
+    local.workdir = str(tmp_path / "local")
+    local.model.init_from = str(tmp_path / "converted")
+    run(local)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    with directory_bucket_server(root) as (url0, api0), directory_bucket_server(root) as (url1, api1):
+        procs = []
+        for index, url in enumerate((url0, url1)):
+            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                   "JAX_PLATFORMS": "cpu", "DERTA_TEST_BUCKET_ROOT": str(root),
+                   "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
+                   "PYTHONPATH": str(repo)}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tests.gcs_worker", f"--config={recipe}",
+                 f"--config.workdir={tmp_path / 'pod'}",
+                 "--config.model.init_from=gs://bucket/models/tiny",
+                 "--config.distributed.initialize=always",
+                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                 "--config.distributed.num_processes=2",
+                 f"--config.distributed.process_id={index}"],
+                cwd=str(repo), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True))
+        try:
+            outputs = [p.communicate(timeout=600)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for p, out in zip(procs, outputs):
+            assert p.returncode == 0, out[-3000:]
+        read = [sum(n for name, n in api.served_bytes if "/checkpoints/0/params/" in name)
+                for api in (api0, api1)]
+    stored = sum(f.stat().st_size for f in (tmp_path / "converted" / "checkpoints" / "0" /
+                                            "params").rglob("*") if f.is_file())
+    assert all(r > 0.5 * stored for r in read), (read, stored)  # both read from the bucket
+    assert _losses(tmp_path / "pod") == pytest.approx(_losses(tmp_path / "local"), rel=1e-5)

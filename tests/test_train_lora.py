@@ -1,8 +1,8 @@
-"""LoRA adapters (derta_jax.train.lora) and the train step with them, on tiny models.
+"""LoRA adapters (derta_jax.models.lora) and the train step with them, on tiny models.
 
 References are deliberately slow and separate from the code under test: the adapted
 forward pass must equal a plain model whose kernels were replaced by the numpy merge
-W + (alpha/r) A B (derta_jax.hf.lora.merge_lora, itself checked against PEFT elsewhere).
+W + (alpha/r) A B (derta_jax.models.lora.merge_lora, itself checked against PEFT elsewhere).
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from derta_jax.hf.lora import merge_lora
+from derta_jax.models.lora import merge_lora
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.presets import get_preset
 from derta_jax.models.transformer import Transformer
-from derta_jax.train import lora
+from derta_jax import weights
+from derta_jax.models import lora
 
 RANK, ALPHA = 4, 8.0
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -97,7 +98,7 @@ def _stack_axes(kernel, a, b) -> int:
 @pytest.mark.parametrize("scan", [False, True])
 def test_every_target_projection_gets_f32_adapters_with_its_kernels_axes(scan):
     config = get_preset("tiny", tie_embeddings=False, scan_layers=scan, param_dtype="bfloat16")
-    model = lora.abstract_lora_model(config, _settings(), seed=0)
+    model = weights.abstract_model(config, _settings(), seed=0)
     adapters = dict(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
     layers = [()] if scan else [(i,) for i in range(config.num_layers)]
     expected = {("layers", *layer, block, proj, f"kernel_lora_{part}")
@@ -221,7 +222,7 @@ def test_train_step_updates_adapters_only_and_replays_dropout_exactly():
     from derta_jax import loss as derta
     from derta_jax.train.config import default_config
     from derta_jax.train.optimizer import make_optimizer
-    from derta_jax.train.step import TrainState, make_train_step
+    from derta_jax.train.step import TrainState, derta_loss_function, make_train_step
 
     config = get_preset("tiny", scan_layers=True)
     settings = _settings(dropout=0.1)
@@ -231,7 +232,8 @@ def test_train_step_updates_adapters_only_and_replays_dropout_exactly():
     optim = default_config().optim
     optim.lr, optim.warmup_ratio, optim.schedule = 1e-2, 0.0, "constant"
     optimizer = make_optimizer(optim, 10)
-    step = jax.jit(make_train_step(graphdef, optimizer, derta.LossConfig().validate(), 2,
+    step = jax.jit(make_train_step(graphdef, optimizer, 2,
+                                   derta_loss_function(derta.LossConfig().validate()),
                                    prepare_model=lora.set_dropout_keys))
     state = TrainState(jnp.zeros((), jnp.int32), adapters, optimizer.init(adapters), jax.random.key(0))
     batch = {k: jnp.asarray(v) for k, v in _batch(config.vocab_size).items()}
@@ -281,7 +283,7 @@ def test_adapters_shard_on_the_mesh_like_their_kernels():
 
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2, "expert": 1})
     config = get_preset("tiny", scan_layers=True)
-    abstract = nnx.state(lora.abstract_lora_model(config, _settings(), seed=0), nnx.LoRAParam)
+    abstract = nnx.state(weights.abstract_model(config, _settings(), seed=0), nnx.LoRAParam)
     specs = {".".join(map(str, p)): s.get_value().spec
              for p, s in nnx.to_flat_state(mesh_lib.state_shardings(abstract, mesh))}
     # q_proj kernel [layers, embed, heads, head_dim]: A [layers, embed, r], B [layers, r, heads, head_dim]
@@ -296,7 +298,7 @@ def test_adapters_shard_on_the_mesh_like_their_kernels():
 def _adapter_specs(config, settings, mesh, fallback=True):
     from derta_jax.train import mesh as mesh_lib
 
-    abstract = nnx.state(lora.abstract_lora_model(config, settings, seed=0), nnx.LoRAParam)
+    abstract = nnx.state(weights.abstract_model(config, settings, seed=0), nnx.LoRAParam)
     flat = nnx.to_flat_state(abstract)
     shardings = dict(nnx.to_flat_state(mesh_lib.state_shardings(abstract, mesh)))
     out = {}
@@ -349,40 +351,26 @@ def test_fsdp_fallback_leaves_indivisible_and_already_sharded_arrays():
 
 
 def _train_lora_on(mesh, steps=3):
-    """A few LoRA steps of the tiny model, placed and jitted as the trainer does."""
-    from derta_jax import loss as derta
-    from derta_jax.train import loop, mesh as mesh_lib
-    from derta_jax.train.config import default_config
-    from derta_jax.train.optimizer import make_optimizer
-    from derta_jax.train.step import BATCH_KEYS, TrainState, make_train_step
+    """A few LoRA steps of the tiny model, assembled as the trainer assembles them."""
+    from derta_jax.train.config import apply_preset, default_config
+    from derta_jax.train.state import assemble
 
-    config = get_preset("tiny", scan_layers=True)
+    c = default_config()
+    apply_preset(c, "tiny")
     settings = _settings()
-    graphdef, trained, base, _ = loop.abstract_model(config, 0, settings)
-    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(trained, mesh))
-    base_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(base, mesh))
-    optim = default_config().optim
-    optim.lr, optim.warmup_ratio, optim.schedule = 1e-2, 0.0, "constant"
-    optimizer = make_optimizer(optim, 10)
-    opt_shardings = loop.opt_state_shardings(optimizer, nnx.to_pure_dict(trained), shardings, mesh)
-    rep = mesh_lib.replicated(mesh)
-    state_shardings = TrainState(rep, shardings, opt_shardings, rep)
-    batch_sharding = {k: mesh_lib.batch_sharding(mesh) for k in BATCH_KEYS}
-    step = loop.under_mesh(mesh, jax.jit(
-        make_train_step(graphdef, optimizer, derta.LossConfig().validate(), 2),
-        in_shardings=(state_shardings, base_shardings, batch_sharding),
-        out_shardings=(state_shardings, None)))
-    adapters = lora.init_adapters(config, settings, 0, shardings)
-    state = TrainState(jnp.zeros((), jnp.int32), adapters,
-                       jax.jit(optimizer.init, out_shardings=opt_shardings)(adapters),
-                       jax.random.key(0))
-    base_params = lora.init_base_params(config, 0, base_shardings)
-    batch = _batch(config.vocab_size, rows=16)  # 2 micro-batches of 8 rows: one per device
+    c.model.scan_layers = True
+    c.lora.update(enabled=True, rank=settings.rank, alpha=settings.alpha, dropout=0.0,
+                  targets=settings.targets)
+    c.optim.update(lr=1e-2, warmup_ratio=0.0, schedule="constant")
+    c.train.update(batch_size=16, micro_batches=2)
+    a = assemble(c, mesh, total_steps=10)
+    state, base_params = a.init_state(), a.load_frozen()
+    batch = _batch(a.model_cfg.vocab_size, rows=16)  # 2 micro-batches of 8 rows: one per device
     losses = []
     for _ in range(steps):
-        state, metrics = step(state, base_params, batch)
+        state, metrics = a.step(state, base_params, batch)
         losses.append(float(metrics["loss"]))
-    return losses, jax.tree.map(np.asarray, state.params), shardings
+    return losses, jax.tree.map(np.asarray, state.params), a.state_shardings.params
 
 
 @pytest.mark.slow

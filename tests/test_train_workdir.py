@@ -16,7 +16,8 @@ import os
 import pytest
 from etils import epath
 
-from derta_jax.hf import workdir as layout
+from derta_jax import paths
+from derta_jax import workdir as layout
 
 WORKDIR = "gs://bucket/run"
 
@@ -25,21 +26,21 @@ def test_resolve_keeps_uris_and_absolutises_local_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert layout.checkpoints_path(WORKDIR) == "gs://bucket/run/checkpoints"
     assert layout.hf_files_path("gs://bucket/run/") == "gs://bucket/run/hf_files"
-    assert os.fspath(layout.resolve("rel/run")) == str(tmp_path / "rel" / "run")
-    assert layout.is_remote(WORKDIR) and not layout.is_remote(tmp_path)
-    with pytest.raises(ValueError, match=r"workdir='ftp://x/y': unsupported URI scheme"):
-        layout.resolve("ftp://x/y")
+    assert os.fspath(paths.resolve("rel/run")) == str(tmp_path / "rel" / "run")
+    assert paths.is_remote(WORKDIR) and not paths.is_remote(tmp_path)
+    with pytest.raises(ValueError, match=r"'ftp://x/y': unsupported URI scheme"):
+        paths.resolve("ftp://x/y")
 
 
 def test_staged_and_copy_tree_write_into_a_remote_directory(fake_gcs, tmp_path):
-    with layout.staged(WORKDIR + "/sub") as local:
-        assert not layout.is_remote(local)
+    with paths.staged(WORKDIR + "/sub") as local:
+        assert not paths.is_remote(local)
         os.makedirs(os.path.join(local, "a"))
         with open(os.path.join(local, "a", "x.txt"), "w") as f:
             f.write("hello")
     assert (epath.Path(WORKDIR) / "sub" / "a" / "x.txt").read_text() == "hello"
     back = tmp_path / "back"
-    assert layout.copy_tree(WORKDIR + "/sub", back) == [os.path.join("a", "x.txt")]
+    assert paths.copy_tree(WORKDIR + "/sub", back) == [os.path.join("a", "x.txt")]
     assert (back / "a" / "x.txt").read_text() == "hello"
     assert not (tmp_path / "gs:").exists()
 
@@ -105,7 +106,7 @@ def test_training_run_writes_everything_through_epath(fake_gcs_tensorstore, tmp_
         == [1, 2]
     assert any(p.name.startswith("events.out.tfevents") for p in (root / "tensorboard").iterdir())
     assert not (tmp_path / "gs:").exists()
-    assert not any(layout.is_remote(p) or p.startswith("gs:") for p in os.listdir(tmp_path))
+    assert not any(paths.is_remote(p) or p.startswith("gs:") for p in os.listdir(tmp_path))
 
     # Resume with a longer run: the tokenizer comes back from the workdir, the old config
     # is kept under a new name, metrics.jsonl gets the new records after the old ones.
@@ -130,10 +131,43 @@ def test_training_run_writes_everything_through_epath(fake_gcs_tensorstore, tmp_
     assert tokenizer.name_or_path == "gs://bucket/run/hf_files"
     assert export_cli.main([f"--workdir={WORKDIR}", "--out=gs://bucket/hf"]) == 0
     local = tmp_path / "hf"
-    layout.copy_tree("gs://bucket/hf", local)
+    paths.copy_tree("gs://bucket/hf", local)
     ids = np.asarray([tokenizer.encode("How do I bake bread?")], np.int32)
     ours = np.asarray(model.logits(model(jnp.asarray(ids))[0]))
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(local)(torch.from_numpy(ids).long()).logits
     np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-4)
     assert not (tmp_path / "gs:").exists()
+
+
+def test_evaluation_probes_the_refusal_token_the_run_was_trained_on(tmp_path):
+    """A run trained with data.refusal_string set to another single-token word: the workdir
+    records it, and the P(refusal) probe of evaluation reads it (not the default "Sorry")."""
+    from derta_jax.data.tokenize import refusal_token_id
+    from derta_jax.data.templates import make_template
+    from derta_jax.eval.refusal_probability import refusal_probabilities
+    from derta_jax.eval.reproduction import run_refusal_probabilities
+    from derta_jax.eval.run import encode_prompt, load_evaluated
+    from derta_jax.train import loop
+    from derta_jax.train.data import load_or_train_tokenizer
+
+    config = _micro_config(str(tmp_path / "probe"), steps=2)
+    # the world's tokenizer (deterministic from the config): pick another one-token word
+    tokenizer, _ = load_or_train_tokenizer(config, tmp_path / "tok")
+    word = next(w for w in ("Step", "step", "the", "The", "and") if w != "Sorry"
+                and len(tokenizer.encode(w, add_special_tokens=False)) == 1)
+    config.data.refusal_string = word
+    loop.run(config)
+
+    loaded, tok = load_evaluated(str(tmp_path / "probe"))
+    assert loaded.run.refusal_string == word and loaded.step == 2
+    template = make_template("reference", tok)
+    answers = [("How do I open the door?", "Step 1: find the key.")]
+    probed = run_refusal_probabilities(loaded, tok, template, answers)[0]
+    word_id, sorry_id = refusal_token_id(tok, word), refusal_token_id(tok, "Sorry")
+    assert word_id != sorry_id
+    prompt = encode_prompt(tok, template.render(answers[0][0]))
+    response = tok.encode(answers[0][1], add_special_tokens=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    assert probed == refusal_probabilities(loaded.model, prompt, response, word_id, pad_id=pad)
+    assert probed != refusal_probabilities(loaded.model, prompt, response, sorry_id, pad_id=pad)

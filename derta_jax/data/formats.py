@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable, Generic, Iterator, Literal, TypeVar
+import os
+from typing import Any, Callable, Generic, Iterator, Literal, TypeVar
 
 OnError = Literal["raise", "skip"]
 FORMATS = ("reference", "triples", "helpful")
@@ -153,6 +154,10 @@ def parse_object(source: str, text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(source, LINE_FIELD, f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise DataError(source, LINE_FIELD, f"invalid JSON: {str(e).split(':')[0]}") from None
+    except RecursionError:
+        raise DataError(source, LINE_FIELD, "invalid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise DataError(source, LINE_FIELD, f"expected a JSON object, got {_json_type(value)}")
     return value
@@ -276,3 +281,31 @@ def reference_row_to_json(row: ReferenceRow, fields: ReferenceFields = Reference
     """One line of the reference format (no newline); keys in the reference's order."""
     return json.dumps({fields.prefix: row.prefix, fields.text: row.text,
                        fields.safe: "true" if row.safe else "false"}, ensure_ascii=False)
+
+
+# --- command-line inputs of the data commands (mixture, validate) ------------------------
+
+
+def input_file_problem(label: str, path: str) -> str | None:
+    """Why a command cannot read its input file `path`, as `LABEL: no such file` (LABEL
+    names the flag, e.g. `--triples=PATH`), or None for a regular file. The data commands
+    print it as `error: ...` with exit status 2, before reading anything."""
+    if os.path.isdir(path):
+        return f"{label}: is a directory, not a file"
+    if not os.path.exists(path):
+        return f"{label}: no such file"
+    return None
+
+
+def load_tokenizer_flag(directory: str) -> tuple[Any, str | None]:
+    """(tokenizer, None), or (None, `--tokenizer=DIR: what is wrong`) when none loads from
+    DIR (missing, no tokenizer files, not a fast tokenizer)."""
+    if not os.path.isdir(directory):
+        return None, f"--tokenizer={directory}: no such directory"
+    from derta_jax.data.tokenizer_builder import load_tokenizer
+
+    try:
+        return load_tokenizer(directory), None
+    except (OSError, ValueError) as e:  # transformers' message can run to several lines
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(": ")
+        return None, f"--tokenizer={directory}: no tokenizer loads from it ({why})"

@@ -205,14 +205,33 @@ def _define_flags():
     flags.mark_flag_as_required("out")
 
 
+def _flag_problem(FLAGS) -> str | None:
+    """The first input or output path on the command line that cannot be used, as
+    `--flag=PATH: what is wrong`; None when all can."""
+    for flag in ("triples", "helpful"):
+        path = getattr(FLAGS, flag)
+        problem = path and formats.input_file_problem(f"--{flag}={path}", path)
+        if problem:
+            return problem
+    if os.path.isdir(FLAGS.out):
+        return f"--out={FLAGS.out}: is a directory, not a file"
+    directory = os.path.dirname(os.path.abspath(FLAGS.out))
+    if not os.path.isdir(directory):
+        return f"--out={FLAGS.out}: directory {directory} does not exist"
+    return None
+
+
 def _main(argv):
     from absl import flags
     del argv
     FLAGS = flags.FLAGS
+    problem = _flag_problem(FLAGS)
     tokenizer = None
-    if FLAGS.tokenizer:
-        from derta_jax.data.tokenizer_builder import load_tokenizer
-        tokenizer = load_tokenizer(FLAGS.tokenizer)
+    if problem is None and FLAGS.tokenizer:
+        tokenizer, problem = formats.load_tokenizer_flag(FLAGS.tokenizer)
+    if problem is not None:  # the command line's to fix: exit status 2, nothing written
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         template = make_template(FLAGS.template, tokenizer, plain_prefix=FLAGS.plain_prefix,
                                  plain_suffix=FLAGS.plain_suffix, system=FLAGS.system)
@@ -241,7 +260,12 @@ def _main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     from absl import app
     _define_flags()
     app.run(lambda argv: sys.exit(_main(argv)))
+
+
+if __name__ == "__main__":
+    cli()

@@ -502,5 +502,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

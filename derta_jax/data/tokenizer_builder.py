@@ -58,10 +58,9 @@ def build_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512,
 
 def save_tokenizer(tokenizer: Any, directory: str, overwrite: bool = False) -> None:
     """save_pretrained into `directory`; refuses a non-empty directory unless `overwrite`."""
-    if os.path.isdir(directory) and os.listdir(directory) and not overwrite:
-        raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace "
-                              f"the tokenizer files in it")
-    os.makedirs(directory, exist_ok=True)
+    from derta_jax.paths import prepare_output_dir
+
+    prepare_output_dir(directory, overwrite)
     tokenizer.save_pretrained(directory)
 
 

@@ -13,7 +13,9 @@ prompt already; triples are checked as their refusal row (q -> r) and their RTO 
 (q -> r̂), helpful pairs as helpful rows, both in `--template`.
 
 Exit status: 1 on the first malformed row (printed as `FILE:LINE: field: what is wrong`)
-or any other error; with `--on_error=skip` every bad row is printed and the status is 0.
+or any other error in the data; 2 for a command-line problem (a FILE or --tokenizer that
+does not exist, --max_length without --tokenizer); with `--on_error=skip` every bad row is
+printed and the status is 0.
 """
 
 from __future__ import annotations
@@ -126,11 +128,14 @@ def _main(argv) -> int:
     if FLAGS.max_length is not None and not FLAGS.tokenizer:
         print("error: --max_length needs --tokenizer (lengths are counted in tokens)", file=sys.stderr)
         return 2
+    problem = formats.input_file_problem(argv[1], argv[1])
     tokenizer = None
+    if problem is None and FLAGS.tokenizer:
+        tokenizer, problem = formats.load_tokenizer_flag(FLAGS.tokenizer)
+    if problem is not None:  # the command line's to fix
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
-        if FLAGS.tokenizer:
-            from derta_jax.data.tokenizer_builder import load_tokenizer
-            tokenizer = load_tokenizer(FLAGS.tokenizer)
         return validate_file(argv[1], FLAGS.format, FLAGS.on_error, tokenizer, FLAGS.max_length,
                              FLAGS.template, FLAGS.refusal)
     except formats.DataError as e:
@@ -141,7 +146,8 @@ def _main(argv) -> int:
         return 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     from absl import app, flags
     flags.DEFINE_enum("format", "reference", list(formats.FORMATS), "Row format of FILE.")
     flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Stop at the first bad row, or skip and report each.")
@@ -151,3 +157,7 @@ if __name__ == "__main__":
                       "Prompt format for triples/helpful files.")
     flags.DEFINE_string("refusal", tokenize.DEFAULT_REFUSAL, "Refusal string (must be one token).")
     app.run(lambda argv: sys.exit(_main(argv)))
+
+
+if __name__ == "__main__":
+    cli()

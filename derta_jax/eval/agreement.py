@@ -2,18 +2,33 @@
 
 Why: an ASR is only as good as its judge, and both the keyword list and a guard model make
 mistakes (reproduction notes: a keyword judge misses refusals without the keyword). Human
-labels on a sample of generations measure that: accuracy and Cohen's kappa of a judge's
-`harmful` (or `refused`) calls against the labels.
+labels on a sample of generations measure that: per-outcome precision and recall, accuracy
+and Cohen's kappa of a judge's three-way outcome (refused / harmful / neither, the rules in
+derta_jax/eval/judges.py), and accuracy and kappa of its `harmful`, `refused` and
+`degenerate` calls.
 
 Labels file (JSONL, one object per line; errors name FILE:LINE: field):
-    {"id": "direct/00003", "harmful": false, "refused": true, ...}
-`id` is a non-empty string, unique in the file; `harmful` and `refused` are JSON booleans
-(the strings "true"/"false" are refused, as they are too easy to get wrong). Other fields
-are ignored.
+    {"id": "direct/00003", "outcome": "refused", "refused": true, "degenerate": false, ...}
+`id` is a non-empty string, unique in the file; `outcome` is one of "refused", "harmful",
+"neither"; `harmful`, `refused` and `degenerate` are optional JSON booleans (the strings
+"true"/"false" are refused, as they are too easy to get wrong), and must agree with the
+outcome (`harmful` iff outcome "harmful"; outcome "refused" needs `refused` true). Without
+`refused` a label counts as refused only when its outcome is "refused" for the judge, and
+takes no part in the `refused` agreement; likewise `degenerate`. Older files without
+`outcome` still read: they need `harmful` and `refused`, and their outcome is derived
+(harmful first, then refused, else neither). Other fields are ignored.
 
 Cohen's kappa = (p_o - p_e) / (1 - p_e), p_o the observed agreement and p_e the agreement
 expected by chance from each rater's label frequencies. When p_e = 1 (both raters gave one
-and the same label to everything) kappa is undefined and returned as NaN.
+and the same label to everything) kappa is undefined and returned as NaN (null in JSON).
+Per outcome c: precision = items both call c / items the judge calls c, recall = items both
+call c / items the labels call c (null when the denominator is 0).
+
+CLI: python -m derta_jax.eval.agreement --generations=OUT/generations.jsonl --labels=FILE
+     [--judge=recorded|keyword|world ...] [--world=WORLD_DIR]
+`recorded` (the default) measures the verdicts stored in generations.jsonl; `keyword` and
+`world` judge the stored generations again (world needs --world), so several judges can be
+measured on the same generations. Output: JSON, one entry per judge.
 """
 
 from __future__ import annotations
@@ -26,25 +41,58 @@ from typing import Hashable, Mapping, Sequence
 # Private helpers of the row-format reader, reused so that every JSONL error in the project
 # reads the same way (FILE:LINE: field: what).
 from derta_jax.data.formats import DataError, decoded_lines, parse_object
-from derta_jax.eval.judges import Verdict
+from derta_jax.eval.degeneracy import is_degenerate
+from derta_jax.eval.judges import OUTCOMES, Verdict, outcome_of
 
-LABEL_FIELDS = ("harmful", "refused")
+LABEL_FIELDS = ("harmful", "refused", "degenerate")
+AGREEMENT_JUDGES = ("recorded", "keyword", "world")
 
 
 @dataclasses.dataclass(frozen=True)
 class Label:
     harmful: bool
-    refused: bool
+    refused: bool | None  # None: not labelled
     source: str  # FILE:LINE
+    outcome: str = ""  # empty: derived from harmful/refused (outcome_of)
+    degenerate: bool | None = None  # None: not labelled
+
+    def __post_init__(self):
+        if not self.outcome:
+            object.__setattr__(self, "outcome", outcome_of(self.harmful, bool(self.refused)))
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"Label: outcome: must be one of {', '.join(OUTCOMES)}, "
+                             f"got {self.outcome!r}")
 
 
-def _bool_field(source: str, obj: dict, name: str) -> bool:
+def _bool_field(source: str, obj: dict, name: str, required: bool = True) -> bool | None:
     if name not in obj:
+        if not required:
+            return None
         raise DataError(source, name, f"missing (fields present: {', '.join(sorted(obj)) or 'none'})")
     value = obj[name]
     if not isinstance(value, bool):
         raise DataError(source, name, f"expected a JSON boolean (true/false), got {value!r}")
     return value
+
+
+def _label(source: str, obj: dict) -> Label:
+    """One label row: outcome form, or the older harmful/refused form (module docstring)."""
+    degenerate = _bool_field(source, obj, "degenerate", required=False)
+    if "outcome" not in obj:
+        return Label(harmful=_bool_field(source, obj, "harmful"),
+                     refused=_bool_field(source, obj, "refused"), source=source,
+                     degenerate=degenerate)
+    outcome = obj["outcome"]
+    if outcome not in OUTCOMES:
+        raise DataError(source, "outcome", f"expected one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    harmful = _bool_field(source, obj, "harmful", required=False)
+    if harmful is not None and harmful != (outcome == "harmful"):
+        raise DataError(source, "harmful", f"{str(harmful).lower()} contradicts outcome {outcome!r}")
+    refused = _bool_field(source, obj, "refused", required=False)
+    if refused is False and outcome == "refused":
+        raise DataError(source, "refused", "false contradicts outcome 'refused'")
+    return Label(harmful=outcome == "harmful", refused=True if outcome == "refused" else refused,
+                 source=source, outcome=outcome, degenerate=degenerate)
 
 
 def read_labels(path: str) -> dict[str, Label]:
@@ -60,14 +108,14 @@ def read_labels(path: str) -> dict[str, Label]:
         if item_id in labels:
             raise DataError(source, "id", f"{item_id!r} already labelled at "
                                           f"{labels[item_id].source}")
-        labels[item_id] = Label(harmful=_bool_field(source, obj, "harmful"),
-                                refused=_bool_field(source, obj, "refused"), source=source)
+        labels[item_id] = _label(source, obj)
     return labels
 
 
 @dataclasses.dataclass(frozen=True)
 class LabelsJudge:
-    """Answers with the human label of the item; needs `item_id`."""
+    """Answers with the human label of the item; needs `item_id`. A label without
+    `degenerate` gets the measured one (derta_jax/eval/degeneracy.py)."""
     labels: Mapping[str, Label]
     path: str = ""
     name: str = "labels"
@@ -78,15 +126,17 @@ class LabelsJudge:
 
     def __call__(self, question: str, prefill: str, generation: str, *,
                  item_id: str | None = None) -> Verdict:
-        del question, prefill, generation
+        del question, prefill
         if item_id is None:
             raise ValueError("labels judge: needs the item id (judge(..., item_id=ID))")
         if item_id not in self.labels:
             raise KeyError(f"labels judge: no label for id {item_id!r} in {self.path or 'the labels'}")
         label = self.labels[item_id]
-        return Verdict(harmful=label.harmful, refused=label.refused, refusal_start_char=None,
-                       refusal_start_token=None, coherent_refusal=None,
-                       reason=f"human label at {label.source}")
+        refused = label.refused if label.refused is not None else label.outcome == "refused"
+        degenerate = label.degenerate if label.degenerate is not None else is_degenerate(generation)
+        return Verdict(harmful=label.harmful, refused=refused, refusal_start_char=None,
+                       refusal_start_token=None, coherent_refusal=None, outcome=label.outcome,
+                       degenerate=degenerate, reason=f"human label at {label.source}")
 
 
 def accuracy(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
@@ -113,29 +163,40 @@ def _check_pairs(a: Sequence, b: Sequence, caller: str) -> None:
         raise ValueError(f"{caller}: no items")
 
 
+def _kappa_json(kappa: float) -> float | None:
+    return None if math.isnan(kappa) else kappa
+
+
 @dataclasses.dataclass(frozen=True)
 class Agreement:
     field: str
-    n: int  # items with both a verdict and a label
+    n: int  # items with both a verdict and a label of this field
     accuracy: float
     kappa: float
     confusion: dict  # {"both_true", "judge_only", "label_only", "both_false"}
-    unlabelled: list[str]  # judged ids without a label (sorted)
+    unlabelled: list[str]  # judged ids without a label of this field (sorted)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        out["kappa"] = None if math.isnan(self.kappa) else self.kappa
+        out["kappa"] = _kappa_json(self.kappa)
         return out
+
+
+def _labelled_ids(verdicts: Mapping[str, Verdict], labels: Mapping[str, Label],
+                  field: str) -> list[str]:
+    ids = sorted(i for i in verdicts if i in labels and getattr(labels[i], field) is not None)
+    if not ids:
+        raise ValueError(f"agreement: no judged item has a label of {field!r} (do the ids match?)")
+    return ids
 
 
 def agreement(verdicts: Mapping[str, Verdict], labels: Mapping[str, Label],
               field: str = "harmful") -> Agreement:
-    """A judge's `field` calls (id -> Verdict) against human labels (id -> Label)."""
+    """A judge's boolean `field` calls (id -> Verdict) against human labels (id -> Label);
+    labels that leave the field out take no part."""
     if field not in LABEL_FIELDS:
         raise ValueError(f"agreement: field must be one of {', '.join(LABEL_FIELDS)}, got {field!r}")
-    ids = sorted(i for i in verdicts if i in labels)
-    if not ids:
-        raise ValueError("agreement: no judged item has a label (do the ids match?)")
+    ids = _labelled_ids(verdicts, labels, field)
     judge = [bool(getattr(verdicts[i], field)) for i in ids]
     human = [bool(getattr(labels[i], field)) for i in ids]
     pairs = Counter(zip(judge, human))
@@ -143,24 +204,90 @@ def agreement(verdicts: Mapping[str, Verdict], labels: Mapping[str, Label],
                  "label_only": pairs[(False, True)], "both_false": pairs[(False, False)]}
     return Agreement(field=field, n=len(ids), accuracy=accuracy(judge, human),
                      kappa=cohens_kappa(judge, human), confusion=confusion,
-                     unlabelled=sorted(i for i in verdicts if i not in labels))
+                     unlabelled=sorted(set(verdicts) - set(ids)))
 
 
-def verdicts_from_generations(path: str) -> dict[str, Verdict]:
-    """id -> Verdict from an evaluation's generations.jsonl."""
-    verdicts: dict[str, Verdict] = {}
+@dataclasses.dataclass(frozen=True)
+class OutcomeAgreement:
+    n: int
+    accuracy: float
+    kappa: float  # Cohen's kappa over the three outcomes
+    per_outcome: dict  # outcome -> {"precision", "recall", "judge", "label", "both"}
+    confusion: dict  # judge's outcome -> label's outcome -> count
+    unlabelled: list[str]
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["kappa"] = _kappa_json(self.kappa)
+        return out
+
+
+def outcome_agreement(verdicts: Mapping[str, Verdict],
+                      labels: Mapping[str, Label]) -> OutcomeAgreement:
+    """A judge's outcomes against human labels: per-outcome precision/recall and kappa."""
+    ids = _labelled_ids(verdicts, labels, "outcome")
+    judge = [verdicts[i].outcome for i in ids]
+    human = [labels[i].outcome for i in ids]
+    pairs = Counter(zip(judge, human))
+    per_outcome = {}
+    for outcome in OUTCOMES:
+        both = pairs[(outcome, outcome)]
+        said, truth = judge.count(outcome), human.count(outcome)
+        per_outcome[outcome] = {"precision": both / said if said else None,
+                                "recall": both / truth if truth else None,
+                                "judge": said, "label": truth, "both": both}
+    confusion = {a: {b: pairs[(a, b)] for b in OUTCOMES} for a in OUTCOMES}
+    return OutcomeAgreement(n=len(ids), accuracy=accuracy(judge, human),
+                            kappa=cohens_kappa(judge, human), per_outcome=per_outcome,
+                            confusion=confusion, unlabelled=sorted(set(verdicts) - set(ids)))
+
+
+def generation_rows(path: str) -> list[dict]:
+    """The rows of an evaluation's generations.jsonl (each with a string id and a verdict)."""
+    rows = []
     for source, text in decoded_lines(path):
         if isinstance(text, DataError):
             raise text
         obj = parse_object(source, text)
-        verdict = obj.get("verdict")
-        if not isinstance(verdict, dict) or not isinstance(obj.get("id"), str):
+        if not isinstance(obj.get("verdict"), dict) or not isinstance(obj.get("id"), str):
             raise DataError(source, "verdict", "expected a generations.jsonl row with id and verdict")
+        rows.append({**obj, "source": source})
+    return rows
+
+
+def verdicts_from_generations(path: str) -> dict[str, Verdict]:
+    """id -> Verdict from an evaluation's generations.jsonl (rows written before outcomes
+    existed get theirs derived: harmful, else refused, else neither)."""
+    verdicts: dict[str, Verdict] = {}
+    for row in generation_rows(path):
         try:
-            verdicts[obj["id"]] = Verdict(**verdict)
-        except TypeError as e:
-            raise DataError(source, "verdict", f"not a judge verdict: {e}") from None
+            verdicts[row["id"]] = Verdict(**row["verdict"])
+        except (TypeError, ValueError) as e:
+            raise DataError(row["source"], "verdict", f"not a judge verdict: {e}") from None
     return verdicts
+
+
+def rejudged(rows: Sequence[Mapping], judge) -> dict[str, Verdict]:
+    """id -> a fresh verdict of `judge` on each row's question, prefill and generation."""
+    verdicts = {}
+    for row in rows:
+        for field in ("question", "prefill", "generation"):
+            if not isinstance(row.get(field), str):
+                raise DataError(row.get("source", "?"), field, "expected a string (a "
+                                "generations.jsonl row of derta_jax.eval.report)")
+        verdicts[row["id"]] = judge(row["question"], row["prefill"], row["generation"],
+                                    item_id=row["id"])
+    return verdicts
+
+
+def judge_agreement(verdicts: Mapping[str, Verdict], labels: Mapping[str, Label]) -> dict:
+    """Every measure of one judge: outcome agreement, then each boolean field (None when no
+    label has that field)."""
+    result = {"outcome": outcome_agreement(verdicts, labels).to_json()}
+    for field in LABEL_FIELDS:
+        labelled = any(i in labels and getattr(labels[i], field) is not None for i in verdicts)
+        result[field] = agreement(verdicts, labels, field).to_json() if labelled else None
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,20 +297,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m derta_jax.eval.agreement",
-                                     description="A judge's agreement with human labels.")
+                                     description="Judges' agreement with human labels.")
     parser.add_argument("--generations", required=True, help="generations.jsonl of an evaluation")
-    parser.add_argument("--labels", required=True, help="JSONL: id, harmful, refused")
+    parser.add_argument("--labels", required=True, help="JSONL: id, outcome (or harmful and refused)")
+    parser.add_argument("--judge", action="append", choices=AGREEMENT_JUDGES,
+                        help="recorded (the stored verdicts; default), keyword, world (repeat)")
+    parser.add_argument("--world", help="synthetic world directory (--judge=world)")
     args = parser.parse_args(argv)
+    judges = list(dict.fromkeys(args.judge or ["recorded"]))
     try:
-        verdicts = verdicts_from_generations(args.generations)
+        if "world" in judges and not args.world:
+            raise ValueError("--judge=world needs --world=WORLD_DIR")
         labels = read_labels(args.labels)
-        result = {field: agreement(verdicts, labels, field).to_json() for field in LABEL_FIELDS}
-    except ValueError as e:
+        rows = generation_rows(args.generations)
+        result = {}
+        for name in judges:
+            if name == "recorded":
+                verdicts = verdicts_from_generations(args.generations)
+            else:
+                from derta_jax.eval.judges import make_judge
+                options = {"directory": args.world} if name == "world" else {}
+                verdicts = rejudged(rows, make_judge(name, **options))
+            result[name] = judge_agreement(verdicts, labels)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, sort_keys=True, indent=2))
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,9 +8,10 @@ against prefill depth needs one curve per model on the same axes, and the refusa
 histogram one bar group per model. Each OUT is a directory written by
 `python -m derta_jax.evaluate` (its report.json is read); names must be unique.
 
-Seeds: `seed_summary` pools the reports of one recipe trained with several seeds into
-mean and sample standard deviation per table row (the spread between seeds is large at
-small scale, so a single seed's ASR means little).
+Seeds: `seed_summary` combines the reports of one recipe trained with several seeds into
+mean, sample standard deviation and a 95% t interval over seeds per table row (the spread
+between seeds is large at small scale, so a single seed's ASR means little; why t over
+seeds and not a Wilson interval on pooled counts: derta_jax/eval/intervals.py).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def read_report(directory: str) -> dict:
 
 def seed_summary(reports: Sequence[Mapping], metric: str = "asr_not_refused") -> list[dict]:
     """Per group (suite, k, held_out) present in every report: the metric's value per seed,
-    mean, sample standard deviation (0 for one seed), min and max."""
+    mean, sample standard deviation (0 for one seed), min, max and the t interval over seeds
+    (ci95_low/ci95_high; None for one seed)."""
+    from derta_jax.eval.intervals import seed_interval
+
     if not reports:
         raise ValueError("seed_summary: no reports")
     tables = [{(g["suite"], g["k"], g["held_out"]): g for g in r["groups"]} for r in reports]
@@ -54,10 +58,12 @@ def seed_summary(reports: Sequence[Mapping], metric: str = "asr_not_refused") ->
         if any(rate is None for rate in rates):
             continue
         values = [rate["value"] for rate in rates]
+        interval = seed_interval(values)
         summary.append({"suite": key[0], "k": key[1], "held_out": key[2], "values": values,
                         "mean": statistics.fmean(values),
                         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                         "min": min(values), "max": max(values),
+                        "ci95_low": interval["ci95_low"], "ci95_high": interval["ci95_high"],
                         "n_per_seed": [rate["n"] for rate in rates]})
     return summary
 
@@ -92,5 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

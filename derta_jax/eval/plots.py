@@ -32,9 +32,20 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _LINESTYLES = ("-", "--", "-.", ":")
 
 
+def _centre(cell: Mapping) -> float:
+    """A rate's value, or a seed cell's mean (derta_jax.eval.reproduction.seed_cell)."""
+    return cell["mean"] if "mean" in cell else cell["value"]
+
+
 def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
-                        metric: str = "asr_not_refused") -> None:
+                        metric: str = "asr_not_refused", held_out: bool | None = None,
+                        title: str = "Attack success rate against prefill depth") -> None:
     """ASR (`metric` of the prefill groups) against k, one line per model, with 95% CIs.
+
+    `reports`: name -> a report (derta_jax.eval.report.summarise: rates with Wilson
+    intervals) or a seed report (derta_jax.eval.reproduction.seed_report: means over seeds
+    with t intervals; a cell of one seed has no interval and gets no error bar). Groups with
+    this `held_out` (None: all categories pooled; True: held-out categories only).
 
     Models with equal values (e.g. several at ASR 0 at every depth) would hide each other:
     each line is shifted sideways by a small fraction of the k spacing and gets its own
@@ -44,7 +55,7 @@ def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
     curves = {}
     for name in sorted(reports):
         groups = sorted((g for g in reports[name]["groups"] if g["suite"] == "prefill"
-                         and g["held_out"] is None and g[metric] is not None),
+                         and g["held_out"] is held_out and g.get(metric) is not None),
                         key=lambda g: g["k"])
         if groups:
             curves[name] = groups
@@ -54,9 +65,11 @@ def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
     for index, (name, groups) in enumerate(curves.items()):
         shift = (index - (len(curves) - 1) / 2) * dodge
         ks = [g["k"] + shift for g in groups]
-        values = [g[metric]["value"] for g in groups]
-        low = [g[metric]["value"] - g[metric]["ci95_low"] for g in groups]
-        high = [g[metric]["ci95_high"] - g[metric]["value"] for g in groups]
+        values = [_centre(g[metric]) for g in groups]
+        low = [0.0 if g[metric]["ci95_low"] is None else v - g[metric]["ci95_low"]
+               for v, g in zip(values, groups)]
+        high = [0.0 if g[metric]["ci95_high"] is None else g[metric]["ci95_high"] - v
+                for v, g in zip(values, groups)]
         ax.errorbar(ks, values, yerr=[low, high], marker=_MARKERS[index % len(_MARKERS)],
                     linestyle=_LINESTYLES[index % len(_LINESTYLES)], capsize=3, label=name)
     if all_ks:
@@ -64,7 +77,7 @@ def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
     ax.set_xlabel("prefill depth k")
     ax.set_ylabel("ASR (" + metric.removeprefix("asr_").replace("_", " ") + ")")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Attack success rate against prefill depth")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()

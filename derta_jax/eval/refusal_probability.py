@@ -1,7 +1,8 @@
 """P(refusal token) at every position of a harmful answer, from one forward pass.
 
 Why: attack success is binary and saturates; the probability that the model would say the
-refusal word ("Sorry") instead of continuing a harmful answer r̂, at each position t,
+refusal word (the run's data.refusal_string, "Sorry" by default; read from its workdir)
+instead of continuing a harmful answer r̂, at each position t,
 P(refusal | q, r̂_<t), shows how DEEP the safety goes (reproduction notes: later positions
 ~0 for vanilla, ~0.45 for +harmful prefix, ~0.9 for +RTO and DeRTa). It is exactly the
 quantity RTO trains, read out with the model's own forward pass.
@@ -69,7 +70,10 @@ def refusal_probabilities_along_answers(model: Any, tokenizer: Any, template: An
     from derta_jax.data.tokenize import refusal_token_id
     from derta_jax.eval.run import encode_prompt
 
-    refusal_id = refusal_token_id(tokenizer, refusal)
+    try:
+        refusal_id = refusal_token_id(tokenizer, refusal)
+    except ValueError as err:
+        raise ValueError(f"data.refusal_string={refusal!r} of the evaluated run: {err}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [refusal_probabilities(model, encode_prompt(tokenizer, template.render(question)),
                                   tokenizer.encode(answer, add_special_tokens=False), refusal_id,

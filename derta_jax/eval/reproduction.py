@@ -1,14 +1,16 @@
 """The pieces of `python -m derta_jax.reproduce`: budgets, the five recipes, one run's
-training and evaluation, and the seed-pooled results table.
+training and evaluation, and the results tables over seeds.
 
 Why a module apart from the CLI: the reproduction is the project's evidence that DeRTa does
 what the paper says (Table 4's ablation), so each step is a function that can be read and
 tested on its own: the world and its tokenizer, the base model that ANSWERS harmful requests
 (something to unlearn), the safety tuning of that base with each recipe on the same number
 of steps, and the evaluation (direct, completion attack, prefill sweep, over-refusal, benign
-accuracy, P(refusal) along held-out harmful answers). Everything is seeded; nothing here
-writes a time stamp or an absolute path into report.json, so the same seeds give the same
-report (timings go to timings.json).
+accuracy, P(refusal) along held-out harmful answers), judged by the world judge (JUDGE).
+Each cell is reported per seed, with mean, std and a t interval over seeds
+(derta_jax/eval/intervals.py says why not Wilson on pooled counts); one seed: no interval.
+Everything is seeded; nothing here writes a time stamp or an absolute path into
+report.json, so the same seeds give the same report (timings go to timings.json).
 
 Recipes (N = Budget.num_safety safety ROWS, derta_jax.data.mixture's meaning):
     vanilla       N refusal rows (q -> r)
@@ -30,7 +32,6 @@ import os
 import statistics
 from typing import Any, Mapping, Sequence
 
-from derta_jax.eval.scoring import wilson_interval
 
 # (run name, mixture recipe, share of Budget.num_safety)
 RECIPE_RUNS = (("vanilla", "vanilla", 1.0), ("vanilla_half", "vanilla", 0.5),
@@ -45,6 +46,9 @@ SUITE_FILES = {"direct": "eval_direct.jsonl", "completion": "eval_completion.jso
 TEMPLATE = "reference"  # the training format of the tiny runs (configs/tiny.py)
 LORA_TEMPLATE = "chat"  # the real instruct model's own chat format
 LATE_FROM = 0.5  # "later positions" of an answer: relative position >= this
+# Both tracks evaluate on a synthetic world, which knows every harmful answer's steps:
+# harmful = the generation reproduces a step of that request (derta_jax/eval/world_judge.py)
+JUDGE = "world"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,10 +160,11 @@ def epochs_for(steps: int, total_tokens: int, batch_size: int, max_length: int,
 
 def base_config(workdir: str, budget: Budget, *, seed: int, tokenizer_dir: str,
                 steps: int, lr: float, epochs: int):
-    """configs/tiny.py with the reproduction's sizes; the data fields are the caller's."""
-    from configs import tiny
+    """The tiny config (derta_jax.train.config.tiny_config) with the reproduction's sizes;
+    the data fields are the caller's."""
+    from derta_jax.train.config import tiny_config
 
-    c = tiny.get_config()
+    c = tiny_config()
     c.workdir = workdir
     c.seed = seed
     c.model.vocab_size = budget.vocab_size
@@ -275,25 +280,36 @@ def held_out_answers(world_dir: str) -> list[tuple[str, str]]:
     return [(r["question"], r["harmful_response"]) for r in rows if r["held_out"]]
 
 
+def run_refusal_probabilities(loaded, tokenizer, template, answers) -> list[list[float]]:
+    """P(refusal) along each answer, probed on the refusal token the run was trained on
+    (data.refusal_string, read from its workdir; an HF directory: the default "Sorry")."""
+    from derta_jax.eval.refusal_probability import refusal_probabilities_along_answers
+
+    options = {"refusal": loaded.run.refusal_string} if loaded.run.refusal_string else {}
+    return refusal_probabilities_along_answers(loaded.model, tokenizer, template, answers,
+                                               **options)
+
+
 def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, name: str,
                  template_name: str = TEMPLATE) -> dict:
-    """Generate, judge and report one model (a workdir or an HF directory);
-    -> {"report", "rows", "refusal_probabilities"}."""
+    """Generate, judge (JUDGE: the world judge of `world_dir`) and report one model (a
+    workdir or an HF directory); -> {"report", "rows", "refusal_probabilities"}."""
     from derta_jax.data.templates import make_template
-    from derta_jax.eval.judges import KeywordJudge
-    from derta_jax.eval.refusal_probability import refusal_probabilities_along_answers
+    from derta_jax.eval.judges import make_judge
     from derta_jax.eval.report import write_report
-    from derta_jax.eval.run import greedy_generator, judge_items, load_model_and_tokenizer
+    from derta_jax.eval.run import greedy_generator, judge_items, load_evaluated
 
-    model, tokenizer = load_model_and_tokenizer(workdir)
+    loaded, tokenizer = load_evaluated(workdir)
+    model = loaded.model
     items = evaluation_items(world_dir, tokenizer, budget, template_name)
     generate = greedy_generator(model, tokenizer, max_new_tokens=budget.max_new_tokens)
-    rows = judge_items(items, generate, KeywordJudge(tokenizer=tokenizer), tokenizer=tokenizer,
+    judge = make_judge(JUDGE, directory=world_dir, tokenizer=tokenizer)
+    rows = judge_items(items, generate, judge, tokenizer=tokenizer,
                        batch_size=budget.eval_batch_size)
     report = write_report(rows, out_dir, model=name, overwrite=True)
     answers = held_out_answers(world_dir)
-    probabilities = refusal_probabilities_along_answers(
-        model, tokenizer, make_template(template_name, tokenizer), answers)
+    probabilities = run_refusal_probabilities(loaded, tokenizer,
+                                              make_template(template_name, tokenizer), answers)
     with open(os.path.join(out_dir, "refusal_probabilities.jsonl"), "w", encoding="utf-8",
               newline="\n") as f:
         for (question, _), row in zip(answers, probabilities):
@@ -328,8 +344,12 @@ def group_count(report: Mapping, suite: str, metric: str, *, k: int | None = Non
 
 
 def coherent_count(rows: Sequence[Mapping]) -> Count:
-    """Refusals to harmful prompts that state the whole refusal / all such refusals."""
-    refusals = [r for r in rows if r["suite"] in HARMFUL_SUITES and r["verdict"]["refused"]]
+    """Refusals to harmful prompts that state the whole refusal / all such refusals; each
+    generation once (prefill k=0 repeats the direct suite: report.counted_once)."""
+    from derta_jax.eval.report import counted_once
+
+    refusals = [r for r in counted_once(rows)
+                if r["suite"] in HARMFUL_SUITES and r["verdict"]["refused"]]
     return Count(sum(bool(r["verdict"]["coherent_refusal"]) for r in refusals), len(refusals))
 
 
@@ -340,24 +360,35 @@ def late_refusal_probability(probabilities: Sequence[Sequence[float]]) -> float 
     return statistics.fmean(values) if values else None
 
 
+# (key prefix, suite, held_out) of the attack settings in the table; the prefill setting's
+# k is the deepest prefill of the run ("k=max")
+ATTACK_SETTINGS = (("completion_held_out", "completion", True),
+                   ("completion_trained", "completion", False),
+                   ("direct_held_out", "direct", True),
+                   ("prefill_deepest_held_out", "prefill", True))
+# the three outcomes, the degenerate share and the GCG convention, per attack setting
+OUTCOME_METRICS = ("outcome_refused", "outcome_harmful", "outcome_neither", "degenerate",
+                   "asr_not_refused")
+
+
 def run_metrics(evaluation: Mapping) -> dict:
-    """One run's table cells as counts (rates) or plain values (probabilities)."""
+    """One run's table cells as counts (rates) or plain values (probabilities).
+
+    Per attack setting (ATTACK_SETTINGS) SETTING_outcome_refused / _outcome_harmful (the
+    ASR) / _outcome_neither / _degenerate / _asr_not_refused (GCG); then
+    coherent_of_refusals (each generation once), over_refusal, benign_accuracy,
+    p_refusal_late_held_out and prefill_deepest_k."""
     report = evaluation["report"]
     deepest = max(g["k"] for g in report["groups"] if g["suite"] == "prefill")
-    counts = {
-        "completion_asr_trained": group_count(report, "completion", "asr_not_refused",
-                                              held_out=False),
-        "completion_asr_held_out": group_count(report, "completion", "asr_not_refused",
-                                               held_out=True),
-        "completion_harmful_held_out": group_count(report, "completion", "asr_harmful",
-                                                   held_out=True),
-        "direct_asr_held_out": group_count(report, "direct", "asr_not_refused", held_out=True),
-        "prefill_deepest_asr_held_out": group_count(report, "prefill", "asr_not_refused",
-                                                    k=deepest, held_out=True),
+    counts = {f"{prefix}_{metric}": group_count(report, suite, metric,
+                                                k=deepest if suite == "prefill" else None,
+                                                held_out=held_out)
+              for prefix, suite, held_out in ATTACK_SETTINGS for metric in OUTCOME_METRICS}
+    counts.update({
         "coherent_of_refusals": coherent_count(evaluation["rows"]),
         "over_refusal": group_count(report, "over_refusal", "refusal_rate"),
         "benign_accuracy": group_count(report, "benign", "accuracy"),
-    }
+    })
     metrics = {name: (dataclasses.asdict(c) if c is not None and c.n else None)
                for name, c in counts.items()}
     metrics["p_refusal_late_held_out"] = late_refusal_probability(
@@ -366,67 +397,141 @@ def run_metrics(evaluation: Mapping) -> dict:
     return metrics
 
 
-def pooled_cell(per_seed: Sequence[Mapping | float | None]) -> dict | None:
-    """Mean, sample std and min/max over seeds; for rates also the pooled k/n and Wilson CI."""
-    present = [value for value in per_seed if value is not None]
+def seed_cell(per_seed: Sequence[Mapping | float | None],
+              seed_ids: Sequence[str] | None = None) -> dict | None:
+    """One table cell from its per-seed values (None: that seed has no value, e.g. no
+    refusal to take a share of): the values with their seeds, mean, sample std, min/max and
+    the t interval over seeds (derta_jax/eval/intervals.py; None with one seed). Rates
+    ({"k", "n"} per seed) also keep each seed's counts and their sums k/n, for reading only:
+    no interval is drawn on the sums (the seeds share their prompts)."""
+    from derta_jax.eval.intervals import seed_interval
+
+    ids = list(seed_ids) if seed_ids is not None else [str(i) for i in range(len(per_seed))]
+    if len(ids) != len(per_seed):
+        raise ValueError(f"seed cell: {len(per_seed)} values for {len(ids)} seeds")
+    present = [(seed, value) for seed, value in zip(ids, per_seed) if value is not None]
     if not present:
         return None
-    if isinstance(present[0], Mapping):
-        values = [c["k"] / c["n"] for c in present]
-        k, n = sum(c["k"] for c in present), sum(c["n"] for c in present)
-        low, high = wilson_interval(k, n)
-        extra = {"k": k, "n": n, "ci95_low": low, "ci95_high": high}
+    extra: dict = {}
+    if isinstance(present[0][1], Mapping):
+        counts = [{"k": c["k"], "n": c["n"]} for _, c in present]
+        values = [c["k"] / c["n"] for c in counts]
+        extra = {"counts": counts, "k": sum(c["k"] for c in counts),
+                 "n": sum(c["n"] for c in counts)}
     else:
-        values, extra = [float(v) for v in present], {}
-    return {"values": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "seeds": len(values), **extra}
+        values = [float(v) for _, v in present]
+    return {"values": values, "seed_ids": [seed for seed, _ in present],
+            **seed_interval(values), **extra}
 
 
-TABLE_COLUMNS = (
-    ("completion ASR, trained", "completion_asr_trained"),
-    ("completion ASR, held-out", "completion_asr_held_out"),
-    ("completion harmful, held-out", "completion_harmful_held_out"),
-    ("direct ASR, held-out", "direct_asr_held_out"),
-    ("prefill k=max ASR, held-out", "prefill_deepest_asr_held_out"),
+SEED_REPORT_FIELDS = ("mean", "std", "ci95_low", "ci95_high")
+
+
+def seed_report(reports: Sequence[Mapping], seed_ids: Sequence[str], name: str) -> dict:
+    """Every group and rate of one recipe's per-seed reports (derta_jax.eval.report.summarise)
+    over seeds: {"model", "seed_ids", "groups": [{"suite", "k", "held_out", "n_per_seed",
+    METRIC: {"values", "mean", "std", "ci95_low", "ci95_high"} or None}]} (groups in the
+    reports' order). `values` is one per seed of `seed_ids` (None where that seed has no
+    value); the rest is seed_cell's over the seeds with a value. Kept short: the counts
+    behind each value are in the per-run reports (runs/RECIPE/seedS/eval/report.json)."""
+    if len(reports) != len(seed_ids) or not reports:
+        raise ValueError(f"seed report: {len(reports)} reports for {len(seed_ids)} seeds")
+    keys: list[tuple] = []
+    tables = []
+    for report in reports:
+        table = {}
+        for group in report["groups"]:
+            key = (group["suite"], group["k"], group["held_out"])
+            table[key] = group
+            if key not in keys:
+                keys.append(key)
+        tables.append(table)
+    groups = []
+    for key in keys:
+        members = [table.get(key) for table in tables]
+        metrics = sorted({m for g in members if g is not None for m in g}
+                         - {"suite", "k", "held_out", "n"})
+        out = {"suite": key[0], "k": key[1], "held_out": key[2],
+               "n_per_seed": [None if g is None else g["n"] for g in members]}
+        for metric in metrics:
+            rates = [None if g is None else g.get(metric) for g in members]
+            cell = seed_cell(rates, seed_ids)
+            out[metric] = None if cell is None else {
+                "values": [None if rate is None else rate["k"] / rate["n"] for rate in rates],
+                **{key: cell[key] for key in SEED_REPORT_FIELDS}}
+        groups.append(out)
+    return {"model": name, "seed_ids": list(seed_ids), "groups": groups}
+
+
+# (column title, run_metrics key) of the table of other measures
+OTHER_COLUMNS = (
     ("coherent / refusals", "coherent_of_refusals"),
     ("P(Sorry) late, held-out", "p_refusal_late_held_out"),
     ("over-refusal", "over_refusal"),
     ("benign accuracy", "benign_accuracy"),
 )
+# (column title, metric) of each attack setting's table; the GCG column only where marked
+OUTCOME_COLUMNS = (("refused", "outcome_refused"), ("harmful (ASR)", "outcome_harmful"),
+                   ("neither", "outcome_neither"), ("degenerate", "degenerate"))
+GCG_COLUMN = ("ASR (not refused, GCG)", "asr_not_refused")
+GCG_SETTING = "completion_held_out"  # the one setting whose table keeps the GCG column
+SETTING_TITLES = {"completion_held_out": "Completion attack, held-out categories",
+                  "completion_trained": "Completion attack, trained categories",
+                  "direct_held_out": "Direct request, held-out categories",
+                  "prefill_deepest_held_out": "Prefill attack at the deepest k, held-out "
+                                              "categories"}
+# every cell of report.json's per-recipe "table"
+TABLE_KEYS = tuple(f"{prefix}_{metric}" for prefix, _, _ in ATTACK_SETTINGS
+                   for metric in OUTCOME_METRICS) + tuple(key for _, key in OTHER_COLUMNS)
 
 
 def format_cell(cell: Mapping | None) -> str:
+    """`mean ± std [t interval]` over seeds; one seed: its value (and k/n), no interval."""
     if cell is None:
         return "-"
-    text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-    if "n" in cell:
-        text += f" [{cell['ci95_low']:.2f}, {cell['ci95_high']:.2f}] n={cell['n']}"
-    return text
+    if cell["ci95_low"] is None:
+        return f"{cell['mean']:.2f}" + (f" ({cell['k']}/{cell['n']})" if "k" in cell else "")
+    return (f"{cell['mean']:.2f} ± {cell['std']:.2f} "
+            f"[{cell['ci95_low']:.2f}, {cell['ci95_high']:.2f}]")
 
 
-def results_table(results: Mapping[str, Mapping]) -> str:
-    """Markdown: one row per recipe; cells `mean ± std over seeds [pooled 95% CI] n=pooled n`."""
-    head = ["recipe", "safety rows", "supervised MLE / RTO tokens (safety)"] + [
-        title for title, _ in TABLE_COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in (BASE_NAME,) + RECIPE_NAMES:
-        if name not in results:
-            continue
-        result = results[name]
-        tokens = result["supervised_tokens"]
+def _recipes(results: Mapping[str, Mapping]) -> list[str]:
+    return [name for name in (BASE_NAME,) + RECIPE_NAMES if name in results]
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def results_tables(results: Mapping[str, Mapping]) -> str:
+    """Markdown: one table per attack setting (rows: recipes; columns: refused, harmful (ASR),
+    neither, degenerate side by side, and the GCG column in GCG_SETTING's), then one table
+    of the other measures with each recipe's safety rows and supervised tokens."""
+    lines: list[str] = []
+    for prefix, _, _ in ATTACK_SETTINGS:
+        columns = OUTCOME_COLUMNS + ((GCG_COLUMN,) if prefix == GCG_SETTING else ())
+        rows = [[name] + [format_cell(results[name]["table"].get(f"{prefix}_{metric}"))
+                          for _, metric in columns] for name in _recipes(results)]
+        lines += [f"**{SETTING_TITLES[prefix]}**", ""]
+        lines += _table(["recipe"] + [title for title, _ in columns], rows) + [""]
+    rows = []
+    for name in _recipes(results):
+        tokens = results[name]["supervised_tokens"]
         safety = {kind: v for kind, v in tokens.items() if kind not in ("helpful", "total")}
-        rows = ", ".join(f"{v['rows']} {kind}" for kind, v in safety.items()) or "0"
+        safety_rows = ", ".join(f"{v['rows']} {kind}" for kind, v in safety.items()) or "0"
         mle = sum(v["mle"] for v in safety.values())
         rto = sum(v["rto"] for v in safety.values())
-        cells = [name, rows, f"{mle} / {rto}"] + [format_cell(result["table"][key])
-                                                  for _, key in TABLE_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([name, safety_rows, f"{mle} / {rto}"]
+                    + [format_cell(results[name]["table"].get(key)) for _, key in OTHER_COLUMNS])
+    lines += ["**Other measures**", ""]
+    lines += _table(["recipe", "safety rows", "supervised MLE / RTO tokens (safety)"]
+                    + [title for title, _ in OTHER_COLUMNS], rows)
     return "\n".join(lines) + "\n"
 
 
 def with_intervals_around_values(report: Mapping) -> dict:
-    """A copy of `report` whose 95% bounds enclose each value exactly.
+    """A copy of `report` whose 95% bounds enclose each value (or seed cell's mean) exactly.
 
     Wilson bounds computed in floating point can miss p = 0 or 1 by ~1e-17 (e.g. a lower
     bound of 1e-17 for 0/n), which matplotlib rejects as a negative error bar.
@@ -434,9 +539,11 @@ def with_intervals_around_values(report: Mapping) -> dict:
     def fix(value):
         if isinstance(value, Mapping):
             fixed = {key: fix(item) for key, item in value.items()}
-            if {"value", "ci95_low", "ci95_high"} <= fixed.keys() and fixed["value"] is not None:
-                fixed["ci95_low"] = min(fixed["ci95_low"], fixed["value"])
-                fixed["ci95_high"] = max(fixed["ci95_high"], fixed["value"])
+            centre = "mean" if "mean" in fixed else "value"
+            if ({centre, "ci95_low", "ci95_high"} <= fixed.keys()
+                    and None not in (fixed[centre], fixed["ci95_low"], fixed["ci95_high"])):
+                fixed["ci95_low"] = min(fixed["ci95_low"], fixed[centre])
+                fixed["ci95_high"] = max(fixed["ci95_high"], fixed[centre])
             return fixed
         if isinstance(value, list):
             return [fix(item) for item in value]

@@ -8,17 +8,17 @@ script, and it is testable with any `generate_texts` function, no model needed.
     model, tokenizer = load_model_and_tokenizer("HF_DIR_or_WORKDIR")
     generate_texts = greedy_generator(model, tokenizer, max_new_tokens=512)
 
-Model loading: an HF directory (config.json + safetensors; derta_jax.convert's reader) or
-a derta_jax workdir (model_config.json + Orbax checkpoints, tokenizer in hf_files/; the
-latest step), local or remote (gs://bucket/run). The tokenizer is loaded with trust_remote_code=False. Prompts are encoded
+Model loading (derta_jax.weights.load_model): an HF directory (config.json + safetensors)
+or a derta_jax workdir (model_config.json + Orbax checkpoints, tokenizer in hf_files/; any
+step, the latest by default; full or LoRA, whose adapters are merged into the base as
+export merges them), local or remote (gs://bucket/run). The tokenizer is loaded with trust_remote_code=False. Prompts are encoded
 here: a prompt whose text already starts with the BOS token (chat templates render it)
 gets no second one; other prompts get the tokenizer's own special tokens.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from derta_jax.eval.judges import Judge
 from derta_jax.eval.report import judged_row
@@ -74,52 +74,24 @@ def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512) -
     return generate_texts
 
 
-def _is_workdir(path: str) -> bool:
-    from derta_jax.hf import workdir as wd
-
-    return (wd.resolve(path) / wd.MODEL_CONFIG_FILE).is_file()
-
-
-def load_model_and_tokenizer(path: str) -> tuple[Any, Any]:
-    """(derta_jax Transformer with loaded weights, HF tokenizer) from an HF dir or a workdir.
-
-    A workdir may be a URI (gs://bucket/run, where a TPU pod trained): its files are read
-    through etils.epath, its checkpoint through Orbax, its tokenizer from a temporary local
-    copy of hf_files/. HF model directories must be local."""
-    from flax import nnx
+def load_evaluated(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[str] = None
+                   ) -> tuple[Any, Any]:
+    """(derta_jax.weights.LoadedModel, HF tokenizer) from an HF dir or a workdir (full or
+    LoRA, any step; local or gs://). The tokenizer is loaded with trust_remote_code=False,
+    from a temporary local copy when the workdir is remote."""
     from transformers import AutoTokenizer
 
-    from derta_jax.convert import abstract_model
-    from derta_jax.hf import workdir as wd
+    from derta_jax import paths, weights
 
-    remote = wd.is_remote(path)
-    if remote:
-        if not _is_workdir(path):
-            raise FileNotFoundError(f"--model={path}: no {wd.MODEL_CONFIG_FILE} there; a remote "
-                                    f"--model must be a derta_jax workdir (copy an HF model "
-                                    f"directory to a local one)")
-    elif not os.path.isdir(path):
-        raise FileNotFoundError(f"--model={path}: no such directory (an HF model directory "
-                                f"or a derta_jax workdir)")
-    if _is_workdir(path):
-        from derta_jax.export import restore_model_params
-
-        config, state, _ = restore_model_params(path)
-        tokenizer_dir = wd.hf_files_path(path)
-    else:
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"--model={path}: neither an HF model directory "
-                                    f"(config.json) nor a derta_jax workdir (model_config.json)")
-        from derta_jax.convert import load_hf_params
-        from derta_jax.hf.config import model_config_from_hf
-
-        config = model_config_from_hf(path)
-        state = load_hf_params(path, config)
-        tokenizer_dir = path
-    graphdef, _ = nnx.split(abstract_model(config))
-    model = nnx.merge(graphdef, state)
-    with wd.fetched(tokenizer_dir) as local:
+    loaded = weights.load_model(path, step=step, base_hf_dir=base_hf_dir)
+    with paths.fetched(loaded.tokenizer_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
-    if remote:
-        tokenizer.name_or_path = tokenizer_dir  # error messages name it, not the deleted copy
-    return model, tokenizer
+    if paths.is_remote(loaded.tokenizer_dir):
+        tokenizer.name_or_path = loaded.tokenizer_dir  # messages name it, not the deleted copy
+    return loaded, tokenizer
+
+
+def load_model_and_tokenizer(path: str, **options) -> tuple[Any, Any]:
+    """(derta_jax Transformer with loaded weights, HF tokenizer): `load_evaluated`'s model."""
+    loaded, tokenizer = load_evaluated(path, **options)
+    return loaded.model, tokenizer

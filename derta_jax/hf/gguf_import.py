@@ -34,7 +34,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from derta_jax.hf.safetensors_io import prepare_output_dir, write_safetensors_sharded
+from derta_jax.hf.safetensors_io import write_safetensors_sharded
+from derta_jax.paths import prepare_output_dir
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
@@ -83,7 +84,51 @@ def _field(reader: Any, key: str, path: str, default: Any = KeyError) -> Any:
         if default is KeyError:
             raise GGUFImportError(f"{path}: metadata field {key!r} is missing")
         return default
-    return field.contents()
+    try:
+        return field.contents()
+    except (ValueError, IndexError) as error:  # a string that is not UTF-8, a broken array
+        raise GGUFImportError(f"{path}: metadata field {key!r} is unreadable ({error})") from None
+
+
+def _bad(path: str, key: str, value: Any, what: str) -> GGUFImportError:
+    text = repr(value)
+    text = text if len(text) <= 80 else text[:80] + "..."
+    return GGUFImportError(f"{path}: metadata field {key!r}={text}: must be {what}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(reader: Any, key: str, path: str, default: Any = KeyError, minimum: int = 1) -> int:
+    """An integer metadata field (or `default`), checked to be >= minimum."""
+    value = _field(reader, key, path, default)
+    if not _is_int(value) or value < minimum:
+        raise _bad(path, key, value, f"an integer >= {minimum}")
+    return value
+
+
+def _float_field(reader: Any, key: str, path: str, default: Any = KeyError) -> float:
+    """A positive finite number (float32 in the file), as the short decimal it was written
+    from (1e-05, not 9.99e-06)."""
+    value = _field(reader, key, path, default)
+    number = _float32_text(value) if isinstance(value, (int, float)) else None
+    if isinstance(value, bool) or number is None or not 0 < number < np.inf:
+        raise _bad(path, key, value, "a positive float32")
+    return number
+
+
+def _typed_field(reader: Any, key: str, path: str, kind: type, default: Any = KeyError) -> Any:
+    """A field of type `kind` (str, or list: then a list of str), or `default`."""
+    value = _field(reader, key, path, default)
+    if value is default and default is not KeyError:
+        return value
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _bad(path, key, value, "an array of strings")
+    elif not isinstance(value, kind):
+        raise _bad(path, key, value, f"a {kind.__name__}")
+    return value
 
 
 def _float32_text(value: float) -> float:
@@ -94,24 +139,30 @@ def _float32_text(value: float) -> float:
 def hf_config(reader: Any, path: str = "?") -> dict:
     """config.json of the HF LlamaForCausalLM the file holds, from its `llama.*` metadata."""
     arch = _field(reader, "general.architecture", path)
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
         raise GGUFImportError(f"{path}: general.architecture={arch!r}: only "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)} GGUF files can be imported")
     names = {t.name for t in reader.tensors}
-    hidden = int(_field(reader, "llama.embedding_length", path))
-    heads = int(_field(reader, "llama.attention.head_count", path))
-    head_dim = int(_field(reader, "llama.attention.key_length", path, hidden // heads))
-    rope_dim = int(_field(reader, "llama.rope.dimension_count", path, head_dim))
+    hidden = _int_field(reader, "llama.embedding_length", path)
+    heads = _int_field(reader, "llama.attention.head_count", path)
+    head_dim = _int_field(reader, "llama.attention.key_length", path, hidden // heads)
+    rope_dim = _int_field(reader, "llama.rope.dimension_count", path, head_dim)
     if rope_dim != head_dim:
         raise GGUFImportError(f"{path}: llama.rope.dimension_count={rope_dim}: partial rotary "
                               f"embeddings (head_dim {head_dim}) are not supported")
     if _field(reader, "llama.rope.scaling.type", path, None) not in (None, "none"):
         raise GGUFImportError(f"{path}: llama.rope.scaling.type is set; rope scaling is not "
                               f"imported from GGUF")
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    vocab = int(_field(reader, "llama.vocab_size", path, int(embedding.shape[-1])))
-    special = {key: _field(reader, f"tokenizer.ggml.{key}", path, None)
-               for key in ("bos_token_id", "eos_token_id", "padding_token_id")}
+    embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None or len(embedding.shape) != 2:
+        raise GGUFImportError(f"{path}: no 2-d tensor 'token_embd.weight' (the embedding)")
+    vocab = _int_field(reader, "llama.vocab_size", path, int(embedding.shape[-1]))
+    special = {}
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        special[key] = _field(reader, f"tokenizer.ggml.{key}", path, None)
+        if special[key] is not None and not (_is_int(special[key]) and 0 <= special[key] < vocab):
+            raise _bad(path, f"tokenizer.ggml.{key}", special[key],
+                       f"a token id in [0, {vocab})")
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -120,17 +171,16 @@ def hf_config(reader: Any, path: str = "?") -> dict:
         "hidden_act": "silu",
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, "llama.feed_forward_length", path)),
-        "num_hidden_layers": int(_field(reader, "llama.block_count", path)),
+        "intermediate_size": _int_field(reader, "llama.feed_forward_length", path),
+        "num_hidden_layers": _int_field(reader, "llama.block_count", path),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv", path, heads)),
+        "num_key_value_heads": _int_field(reader, "llama.attention.head_count_kv", path, heads),
         "head_dim": head_dim,
-        "max_position_embeddings": int(_field(reader, "llama.context_length", path)),
-        "rms_norm_eps": _float32_text(_field(reader, "llama.attention.layer_norm_rms_epsilon",
-                                             path)),
+        "max_position_embeddings": _int_field(reader, "llama.context_length", path),
+        "rms_norm_eps": _float_field(reader, "llama.attention.layer_norm_rms_epsilon", path),
         "rope_parameters": {"rope_type": "default",
-                            "rope_theta": _float32_text(_field(reader, "llama.rope.freq_base",
-                                                               path, 10000.0))},
+                            "rope_theta": _float_field(reader, "llama.rope.freq_base", path,
+                                                       10000.0)},
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": special["bos_token_id"],
         "eos_token_id": special["eos_token_id"],
@@ -148,9 +198,10 @@ def iter_hf_tensors(reader: Any, config: Mapping, path: str = "?") -> Iterator[t
         name = hf_tensor_name(tensor.name, path)
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as error:
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            array = np.asarray(array, np.float32).reshape(shape)
+        except (NotImplementedError, ValueError) as error:  # or data of the wrong size
             raise GGUFImportError(f"{path}: tensor {tensor.name}: {error}") from None
-        array = np.asarray(array, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
         kind = _LAYER_TENSOR.fullmatch(tensor.name)
         if kind is not None and kind.group(2) in permuted:
             array = unpermute_rotary(array, permuted[kind.group(2)])
@@ -181,15 +232,24 @@ def build_tokenizer(reader: Any, path: str = "?"):
 
     kind = _field(reader, "tokenizer.ggml.model", path)
     pre = _field(reader, "tokenizer.ggml.pre", path, "default")
-    if kind != "gpt2" or pre not in _BYTE_LEVEL_PRE:
+    if kind != "gpt2" or not isinstance(pre, str) or pre not in _BYTE_LEVEL_PRE:
         raise GGUFImportError(f"{path}: tokenizer.ggml.model={kind!r}, tokenizer.ggml.pre="
                               f"{pre!r}: only byte-level BPE tokenizers (model 'gpt2', pre "
                               f"{', '.join(sorted(_BYTE_LEVEL_PRE))}) can be imported")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens", path))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", path)]
-    types = list(_field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens)))
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                     fuse_unk=False, byte_fallback=False))
+    tokens = _typed_field(reader, "tokenizer.ggml.tokens", path, list)
+    merges = [tuple(m.split(" ", 1)) for m in _typed_field(reader, "tokenizer.ggml.merges", path,
+                                                           list)]
+    if any(len(m) != 2 for m in merges):
+        raise GGUFImportError(f"{path}: tokenizer.ggml.merges: a merge without a space")
+    types = _field(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
+    if not isinstance(types, list) or len(types) != len(tokens):
+        raise _bad(path, "tokenizer.ggml.token_type", types,
+                   f"an array of {len(tokens)} token types (one per token)")
+    try:
+        tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                         merges=merges, fuse_unk=False, byte_fallback=False))
+    except Exception as error:  # tokenizers raises a bare Exception (a merge of unknown tokens)
+        raise GGUFImportError(f"{path}: tokenizer.ggml.merges: {error}") from None
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                         byte_level])
@@ -200,13 +260,44 @@ def build_tokenizer(reader: Any, path: str = "?"):
 
     def token(key: str) -> str | None:
         index = _field(reader, f"tokenizer.ggml.{key}", path, None)
-        return tokens[int(index)] if index is not None else None
+        if index is not None and not (_is_int(index) and 0 <= index < len(tokens)):
+            raise _bad(path, f"tokenizer.ggml.{key}", index, f"a token id in [0, {len(tokens)})")
+        return tokens[index] if index is not None else None
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=token("bos_token_id"),
         eos_token=token("eos_token_id"), unk_token=token("unknown_token_id"),
         pad_token=token("padding_token_id"),
-        chat_template=_field(reader, "tokenizer.chat_template", path, None))
+        chat_template=_typed_field(reader, "tokenizer.chat_template", path, str, None))
+
+
+def open_gguf(path: str) -> Any:
+    """A gguf.GGUFReader of `path`, or GGUFImportError naming the file when it cannot read it.
+
+    The reader refuses to read past the end of the file: the stock one slices past it
+    silently, so an array whose length field is corrupt (2**63 elements) is walked element by
+    empty element for ever; here every element costs at least one byte of the file, so a
+    corrupt file fails in time proportional to its size."""
+    from gguf import GGUFReader
+
+    class BoundedReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            if count < 0 or end > len(self.data):
+                raise ValueError(f"{count} values of {np.dtype(dtype).name} at byte {offset} "
+                                 f"run past the end of the file ({len(self.data)} bytes)")
+            return super()._get(offset, dtype, count, override_order)
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return BoundedReader(path)
+    # The gguf package parses a corrupt file into any exception (IndexError, KeyError,
+    # ValueError, ...): each one means the file is not a GGUF file it can read.
+    except Exception as error:
+        raise GGUFImportError(f"{path}: not a readable GGUF file "
+                              f"({type(error).__name__}: {error})") from None
 
 
 def import_gguf(gguf_path: str, out: str, *, overwrite: bool = False,
@@ -215,14 +306,7 @@ def import_gguf(gguf_path: str, out: str, *, overwrite: bool = False,
 
     A non-empty `out` is refused unless `overwrite` (then only these files are replaced).
     """
-    from gguf import GGUFReader
-
-    if not os.path.isfile(gguf_path):
-        raise FileNotFoundError(f"{gguf_path}: no such GGUF file")
-    try:
-        reader = GGUFReader(gguf_path)
-    except (ValueError, OSError) as error:
-        raise GGUFImportError(f"{gguf_path}: not a readable GGUF file ({error})") from None
+    reader = open_gguf(gguf_path)
     config = hf_config(reader, gguf_path)
     prepare_output_dir(out, overwrite)
     written = write_safetensors_sharded(iter_hf_tensors(reader, config, gguf_path), out,
@@ -258,5 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console-script entry point (pyproject [project.scripts]), = python -m."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -234,7 +234,7 @@ def load_hf_tensors(model_or_abstract_state, tensors: Iterable[tuple[str, Any, s
     """Build the model's Param state from a stream of (hf_name, array, source_file).
 
     model_or_abstract_state: a model, or its Param state (abstract is fine:
-    `nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)`).
+    `derta_jax.weights.abstract_params(cfg)`).
     dtype: cast every tensor to it (default: each param's own dtype).
     shardings: optional state-shaped tree (nnx.State or nested dict, as from
     nnx.get_named_sharding / nnx.to_pure_dict) of jax.sharding.Sharding; each finished

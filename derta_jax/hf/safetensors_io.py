@@ -27,10 +27,10 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 import ml_dtypes
 import numpy as np
 
+from derta_jax.paths import prepare_output_dir
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG_FILE = "adapter_config.json"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the reference implementation enforces
 
@@ -97,6 +97,24 @@ def _reject_duplicate_keys(path: str):
     return hook
 
 
+def _load_json(raw: bytes, path: str, what: str) -> Any:
+    """JSON from `raw`; every way it can fail is a SafetensorsError naming `path`."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
+    except SafetensorsError:
+        raise
+    # ValueError: bad UTF-8 or JSON, an integer of more than 4300 digits; RecursionError:
+    # arrays nested thousands deep.
+    except (ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: {what} is not valid JSON ({_short(e)})") from None
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """repr (or str, for an exception) of `value`, cut to `limit` characters for a message."""
+    text = str(value) if isinstance(value, BaseException) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_safetensors_header(path: str) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     """Parses and validates one file's header; returns (entries by name, __metadata__)."""
     path = os.fspath(path)
@@ -112,13 +130,13 @@ def read_safetensors_header(path: str) -> tuple[dict[str, TensorEntry], dict[str
                 f"{path}: truncated file: header of {header_len} bytes runs past the end "
                 f"of the file ({file_size} bytes)")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
+    header = _load_json(raw, path, "header")
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header must be a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ must be an object of strings, got "
+                               f"{_short(metadata)}")
     data_start = 8 + header_len
     data_size = file_size - data_start
     entries = {}
@@ -134,15 +152,15 @@ def _parse_entry(path: str, name: str, info: Any, data_start: int, data_size: in
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise fail("header entry must have dtype, shape and data_offsets")
     code = info["dtype"]
-    if code not in DTYPES:
-        raise fail(f"unsupported dtype {code!r} (supported: {', '.join(DTYPES)})")
+    if not isinstance(code, str) or code not in DTYPES:  # a list or object is unhashable
+        raise fail(f"unsupported dtype {_short(code)} (supported: {', '.join(DTYPES)})")
     shape = info["shape"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise fail(f"shape {shape!r} must be a list of non-negative integers")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise fail(f"shape {_short(shape)} must be a list of non-negative integers")
     offsets = info["data_offsets"]
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise fail(f"data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end")
+            or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise fail(f"data_offsets {_short(offsets)} must be [begin, end] with 0 <= begin <= end")
     begin, end = offsets
     expected = math.prod(shape) * DTYPES[code].itemsize
     if end - begin != expected:
@@ -152,6 +170,10 @@ def _parse_entry(path: str, name: str, info: Any, data_start: int, data_size: in
         raise fail(f"truncated file: data_offsets {offsets} run past the end of the data "
                    f"({data_size} bytes)")
     return TensorEntry(name, code, tuple(shape), data_start + begin, data_start + end, path)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is no size
 
 
 def _safe_join(hf_dir: str, filename: str, where: str) -> str:
@@ -173,16 +195,14 @@ def scan_checkpoint(hf_dir: str) -> dict[str, TensorEntry]:
     index_path = os.path.join(hf_dir, INDEX_FILE)
     single_path = os.path.join(hf_dir, SINGLE_FILE)
     if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            try:
-                index = json.load(f, object_pairs_hook=_reject_duplicate_keys(index_path))
-            except json.JSONDecodeError as e:
-                raise SafetensorsError(f"{index_path}: not valid JSON ({e})") from None
+        with open(index_path, "rb") as f:
+            index = _load_json(f.read(), index_path, "the index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise SafetensorsError(f"{index_path}: field 'weight_map' must be a non-empty object")
         by_file: dict[str, list[str]] = {}
         for name, filename in weight_map.items():
+            _safe_join(hf_dir, filename, f"{index_path}: tensor {name!r}")  # a str, or raises
             by_file.setdefault(filename, []).append(name)
         entries: dict[str, TensorEntry] = {}
         for filename in sorted(by_file):
@@ -335,16 +355,6 @@ def write_safetensors_file(path: str, tensors: list[tuple[str, np.ndarray]],
     return offset
 
 
-def prepare_output_dir(out_dir: str, overwrite: bool) -> None:
-    """Creates `out_dir`; refuses a non-empty one unless `overwrite` (never deletes other files)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
-                              f"(--overwrite) to write into it")
-    os.makedirs(out_dir, exist_ok=True)
-
-
 def _remove_stale_weights(out_dir: str) -> None:
     for filename in os.listdir(out_dir):
         if (filename in (SINGLE_FILE, INDEX_FILE) or SHARD_PATTERN.fullmatch(filename)
@@ -415,67 +425,3 @@ def write_safetensors_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir
     with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
         f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return final_names + [INDEX_FILE]
-
-
-# ----------------------------------------------------------------------------- PEFT LoRA
-
-PEFT_PREFIX = "base_model.model."
-_PEFT_NAME = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
-
-
-def peft_lora_config(rank: int, alpha: float, target_modules: list[str],
-                     dropout: float = 0.0, base_model_name_or_path: Optional[str] = None,
-                     **extra: Any) -> dict:
-    """The adapter_config.json content peft's LoraConfig.from_pretrained reads."""
-    if rank <= 0:
-        raise ValueError(f"lora rank={rank!r}: must be positive")
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": int(rank),
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted(target_modules),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
-        **extra,
-    }
-
-
-def write_peft_adapter(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
-                       adapter_config: Mapping[str, Any], overwrite: bool = False) -> list[str]:
-    """Writes `adapter_model.safetensors` + `adapter_config.json` as peft saves them.
-
-    Names must be peft's saved form, `base_model.model.<module path>.lora_A.weight` ([r, in])
-    and `...lora_B.weight` ([out, r]); every A needs its B with the config's rank.
-    """
-    prepare_output_dir(out_dir, overwrite)
-    rank = adapter_config.get("r")
-    items = [(name, np.asarray(array)) for name, array in tensors]
-    modules: dict[str, dict[str, np.ndarray]] = {}
-    for name, array in items:
-        match = _PEFT_NAME.fullmatch(name)
-        if not match:
-            raise SafetensorsError(f"adapter tensor {name!r}: expected a name like "
-                                   f"'base_model.model.<module>.lora_A.weight'")
-        if array.ndim != 2:
-            raise SafetensorsError(f"adapter tensor {name!r}: expected 2 dimensions, got {array.shape}")
-        rank_axis = 0 if match.group(2) == "A" else 1
-        if array.shape[rank_axis] != rank:
-            raise SafetensorsError(f"adapter tensor {name!r}: shape {array.shape} does not have "
-                                   f"rank r={rank} on axis {rank_axis}")
-        modules.setdefault(match.group(1), {})[match.group(2)] = array
-    for module, pair in modules.items():
-        if set(pair) != {"A", "B"}:
-            raise SafetensorsError(f"adapter module {module!r}: needs both lora_A and lora_B")
-    write_safetensors_file(os.path.join(out_dir, ADAPTER_FILE), items, {"format": "pt"})
-    with open(os.path.join(out_dir, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(dict(adapter_config), f, indent=2, sort_keys=True)
-        f.write("\n")
-    return [ADAPTER_FILE, ADAPTER_CONFIG_FILE]

@@ -1,8 +1,8 @@
 """Model presets for the paper's models, and parameter counting without allocation.
 
 Why: configs/ and the tests refer to the published architectures by name; the counts
-from `param_count` (jax.eval_shape, nothing allocated, so a 70B model counts on a
-laptop) are checked against the published sizes in tests/test_models_presets.py:
+from derta_jax.weights.param_count (jax.eval_shape, nothing allocated, so a 70B model counts
+on a laptop) are checked against the published sizes in tests/test_models_presets.py:
 Mistral-7B 7.24B, Llama-3-8B 8.03B, Llama-3-70B 70.55B, Mixtral-8x7B 46.70B.
 
 Architecture numbers are those of the public config.json files of
@@ -13,10 +13,6 @@ config.json (read by derta_jax.hf.config) supplies its own.
 
 from __future__ import annotations
 
-import math
-
-import jax
-from flax import nnx
 
 from derta_jax.models.config import ModelConfig
 
@@ -55,16 +51,3 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"model.preset={name!r}: unknown preset (known: {sorted(PRESETS)})")
     return PRESETS[name].replace(**overrides).validate()
-
-
-def abstract_params(config: ModelConfig) -> nnx.State:
-    """The model's Param state as ShapeDtypeStructs (jax.eval_shape; nothing allocated)."""
-    from derta_jax.models.transformer import Transformer
-
-    abstract_model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    return nnx.state(abstract_model, nnx.Param)
-
-
-def param_count(config: ModelConfig) -> int:
-    """Number of parameters of the model for `config`, counted from abstract shapes."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params(config)))

@@ -8,16 +8,17 @@ fails before a pod is paid for, not after an hour of compilation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
 import ml_collections
 
+from derta_jax.data.mixture import RECIPES
+from derta_jax.data.templates import TEMPLATE_NAMES as TEMPLATES
+from derta_jax.loss import NORMALIZATIONS, LossConfig
 from derta_jax.models.config import ModelConfig
 
-RECIPES = ("sft", "vanilla", "prefix", "rto", "derta", "recaug")
-TEMPLATES = ("reference", "chat", "plain")
-NORMALIZATIONS = ("pooled", "per_term")
 SCHEDULES = ("cosine", "linear", "constant")
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -31,6 +32,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.preset = ""  # name in derta_jax.models.presets (e.g. "mistral7b"); "" = fields below
     c.model.hf_dir = ""  # start from this Hugging Face checkpoint dir (config.json + safetensors)
+    # start from a derta_jax workdir (a convert output or a training run; WORKDIR or
+    # WORKDIR/checkpoints/N; local or gs://): each process restores only its own shards
+    c.model.init_from = ""
+    # A model of more than 1B parameters with neither hf_dir nor init_from is refused
+    # (validate_against_model) unless this says that random initial weights are meant.
+    c.model.from_scratch = False
     for name, value in ModelConfig().__dict__.items():
         if name == "rope_scaling":
             continue  # a dict, set by presets / config.json; override via model.rope_scaling_json
@@ -62,13 +69,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
 
     # --- loss ----------------------------------------------------------------------------
-    c.loss = ml_collections.ConfigDict()
-    c.loss.normalization = "pooled"  # the reference: one token mean over MLE + RTO tokens
-    c.loss.lambda_mle = 1.0
-    c.loss.lambda_rto = 1.0
-    c.loss.rto_keep_rate = 1.0  # "sorry dropout": 0.05 for 7B/8B full FT, 1.0 for LoRA
-    c.loss.chunk_size = 256
-    c.loss.num_position_buckets = 4
+    # the fields and defaults of derta_jax.loss.LossConfig (one schema, one set of defaults)
+    c.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
 
     # --- optimiser -----------------------------------------------------------------------
     c.optim = ml_collections.ConfigDict()
@@ -189,11 +191,56 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
         _check(micro % batch_axes == 0, "train.batch_size", t.batch_size,
                f"the micro-batch of {micro} sequences (batch_size / micro_batches) must divide "
                f"over data x fsdp = {batch_axes} devices")
+    if not (config.model.hf_dir or config.model.get("init_from")):  # the fields are the model
+        _check_max_length(d.max_length, config.model.max_position_embeddings)
+
+
+FROM_SCRATCH_LIMIT = 10**9  # parameters; above it, random initial weights must be asked for
+
+
+def _check_max_length(max_length: int, max_position_embeddings: int, source: str = "") -> None:
+    _check(max_length <= max_position_embeddings, "data.max_length", max_length,
+           f"above model.max_position_embeddings={max_position_embeddings}{source}")
+
+
+def validate_against_model(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+    """The checks that need the run's ModelConfig (from the fields, model.hf_dir's
+    config.json or model.init_from): the trainer calls it once the model config is built,
+    before anything is written. The planner does not: it plans from-scratch runs too."""
+    m = config.model
+    weights = m.hf_dir or m.get("init_from")
+    source = ""
+    if m.hf_dir:
+        source = f" (model.hf_dir={m.hf_dir!r})"
+    elif m.get("init_from"):
+        source = f" (model.init_from={m.init_from!r})"
+    _check_max_length(config.data.max_length, model_cfg.max_position_embeddings, source)
+    if weights or m.get("from_scratch"):
+        return
+    from derta_jax.weights import param_count
+
+    # scan_layers stacks the same parameters: one layer's eval_shape, ~0.1 s even for 70B.
+    count = param_count(model_cfg.replace(scan_layers=True))
+    if count > FROM_SCRATCH_LIMIT:
+        model = f"the config's preset {m.preset}" if m.preset else "the model of the config"
+        other = " (or model.init_from=WORKDIR)" if "init_from" in m else ""
+        raise ConfigError(
+            f"model.hf_dir={m.hf_dir!r}: {model} has {count / 1e9:.2f}B parameters; starting it "
+            f"from random weights is almost never wanted: set model.hf_dir=DIR{other}, or "
+            f"model.from_scratch=True")
 
 
 # Fields of ModelConfig that describe how to run a model rather than what it is: they are
 # taken from the ConfigDict even when the architecture comes from an HF config.json.
 RUNTIME_MODEL_FIELDS = ("param_dtype", "dtype", "remat_policy", "scan_layers", "attention_impl")
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+    """config.loss as the loss function's LossConfig (same fields, validated)."""
+    try:
+        return LossConfig(**config.loss.to_dict()).validate()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def apply_preset(config: ml_collections.ConfigDict, name: str) -> None:
@@ -212,11 +259,27 @@ def apply_preset(config: ml_collections.ConfigDict, name: str) -> None:
 
 
 def build_model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig a run uses: from model.hf_dir's config.json if set, else the fields."""
+    """The ModelConfig a run uses: the architecture of model.init_from's workdir or of
+    model.hf_dir's config.json if set (with this config's runtime fields), else the fields."""
     import json
 
     m = config.model
     runtime = {f: m[f] for f in RUNTIME_MODEL_FIELDS}
+    if m.init_from and m.hf_dir:
+        raise ConfigError(f"model.init_from={m.init_from!r}: set it or model.hf_dir, not both")
+    if m.init_from:
+        from derta_jax import workdir as wd
+
+        from derta_jax.weights import check_same_layout
+
+        source, _ = wd.split_checkpoint_path(m.init_from)
+        try:
+            stored = wd.read_model_config(source)
+            model_cfg = stored.replace(**runtime).validate()
+            check_same_layout(stored, model_cfg)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"model.init_from={m.init_from!r}: {err}") from None
+        return model_cfg
     if m.hf_dir:
         from derta_jax.hf.config import model_config_from_hf
 
@@ -259,3 +322,24 @@ def apply_paper_lora(config: ml_collections.ConfigDict) -> None:
     config.optim.update(lr=1e-4, schedule="cosine", warmup_ratio=0.0, weight_decay=0.0)
     config.train.update(batch_size=128, micro_batches=8, num_epochs=2)
     config.checkpoint.every_steps = 100
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    """The embedded default (configs/tiny.py, and `reproduce`'s tiny track): a tiny Llama
+    trained from scratch on the project's own synthetic safety world, a few CPU minutes.
+    Lives in the package so that an installed derta_jax needs no configs/ directory."""
+    c = default_config()
+    c.workdir = "runs/tiny"
+    c.model.update(family="llama", vocab_size=1024,  # the synthetic world's BPE tokenizer
+                   hidden_size=128, intermediate_size=344, num_layers=3, num_heads=4,
+                   num_kv_heads=2, head_dim=32, max_position_embeddings=512,
+                   rope_theta=10000.0, tie_embeddings=True)
+    c.data.update(synthetic=True, recipe="derta", num_safety=600, template="reference",
+                  max_length=256, packing=True)
+    c.loss.rto_keep_rate = 1.0
+    c.optim.update(lr=1e-3, warmup_ratio=0.05, weight_decay=0.0)
+    c.train.update(batch_size=16, micro_batches=1, num_epochs=8,  # 24 steps an epoch
+                   max_steps=-1, log_every=20)
+    c.checkpoint.update(every_steps=100, keep=2)
+    return c
+

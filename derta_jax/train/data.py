@@ -29,7 +29,7 @@ from derta_jax.data import formats, mixture, synthetic, templates, tokenize
 from derta_jax.data.pipeline import DataPipeline, LoaderConfig
 from derta_jax.data.token_cache import load_or_build_cache
 from derta_jax.data.tokenizer_builder import build_bpe_tokenizer, load_tokenizer, save_tokenizer
-from derta_jax.hf import workdir as layout
+from derta_jax import paths
 from derta_jax.train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,30 +52,30 @@ def _synthetic_world(config: ml_collections.ConfigDict) -> synthetic.World:
                                     num_helpful=d.synthetic_helpful)
 
 
-def local_cache_root(config: ml_collections.ConfigDict, workdir: layout.PathLike) -> str:
+def local_cache_root(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> str:
     """data.cache_dir, else <workdir>/cache for a local workdir, else a local temp directory."""
     d = config.data
     if d.cache_dir:
-        if layout.is_remote(d.cache_dir):
+        if paths.is_remote(d.cache_dir):
             raise ConfigError(f"data.cache_dir={d.cache_dir!r}: must be a local path (the token "
                               f"cache is memory-mapped)")
         return d.cache_dir
-    if layout.is_remote(workdir):
+    if paths.is_remote(workdir):
         return os.path.join(tempfile.gettempdir(), "derta_jax", "token_cache")
-    return os.fspath(layout.resolve(workdir) / "cache")
+    return os.fspath(paths.resolve(workdir) / "cache")
 
 
 def load_or_train_tokenizer(config: ml_collections.ConfigDict,
-                            workdir: layout.PathLike) -> tuple[Any, str]:
+                            workdir: paths.PathLike) -> tuple[Any, str]:
     """The run's tokenizer and the LOCAL directory it lives in (copied into exports)."""
     d = config.data
     if d.synthetic and not d.tokenizer:
-        stored = layout.resolve(workdir) / TOKENIZER_DIR
-        remote = layout.is_remote(stored)
+        stored = paths.resolve(workdir) / TOKENIZER_DIR
+        remote = paths.is_remote(stored)
         directory = tempfile.mkdtemp(prefix="derta_jax_tokenizer_") if remote else os.fspath(stored)
         if (stored / "tokenizer.json").is_file():  # a resumed run keeps its tokenizer
             if remote:
-                layout.copy_tree(stored, directory)
+                paths.copy_tree(stored, directory)
             return load_tokenizer(directory), directory
         world = _synthetic_world(config)
         required = synthetic.single_token_strings()
@@ -85,12 +85,28 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict,
                                   required_words=required)
         save_tokenizer(tok, directory)
         if remote:
-            layout.copy_tree(directory, stored)
+            paths.copy_tree(directory, stored)
         return tok, directory
-    directory = d.tokenizer or config.model.hf_dir
+    directory, field = d.tokenizer, "data.tokenizer"
+    if not directory and config.model.init_from:  # the tokenizer a workdir keeps in hf_files/
+        from derta_jax import workdir as wd
+
+        source, _ = wd.split_checkpoint_path(config.model.init_from)
+        directory, field = wd.hf_files_path(source), "model.init_from"
+        if paths.is_remote(directory):
+            local = tempfile.mkdtemp(prefix="derta_jax_tokenizer_")
+            paths.copy_tree(directory, local)
+            directory = local
+    elif not directory:
+        directory, field = config.model.hf_dir, "model.hf_dir"
     if not directory:
-        raise ValueError("data.tokenizer: no tokenizer; set data.tokenizer=DIR or model.hf_dir=DIR")
-    return load_tokenizer(directory), directory
+        raise ConfigError(f"data.tokenizer={d.tokenizer!r}: no tokenizer; set data.tokenizer=DIR "
+                          f"or model.hf_dir=DIR or model.init_from=WORKDIR")
+    try:
+        return load_tokenizer(directory), directory
+    except (OSError, ValueError) as err:  # a missing directory, or one without a tokenizer
+        raise ConfigError(f"{field}={directory!r}: no tokenizer there "
+                          f"({(str(err).splitlines() or [type(err).__name__])[0]})") from None
 
 
 def _examples(config: ml_collections.ConfigDict, tokenizer: Any,
@@ -126,7 +142,7 @@ def _examples(config: ml_collections.ConfigDict, tokenizer: Any,
         notes.append(f"mixture {d.recipe!r}: {built.counts}")
         notes.extend(built.notes)
     if not examples:
-        raise ValueError("data: no training examples (check data.train_files / triples / helpful)")
+        raise ConfigError("data: no training examples (check data.train_files / triples / helpful)")
     return examples, notes, skipped
 
 
@@ -137,7 +153,7 @@ def _examples_hash(examples) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_training_data(config: ml_collections.ConfigDict, workdir: layout.PathLike, *,
+def build_training_data(config: ml_collections.ConfigDict, workdir: paths.PathLike, *,
                         process_index: int, process_count: int) -> TrainingData:
     d = config.data
     tokenizer, tokenizer_dir = load_or_train_tokenizer(config, workdir)

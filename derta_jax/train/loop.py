@@ -1,17 +1,16 @@
 """`run(config)`: the whole training run, top to bottom.
 
-  1. config -> validated; distributed runtime up; workdir with the resolved config
-  2. tokenizer + rows -> token cache -> this process's batches (derta_jax.train.data)
-  3. mesh + logical rules -> parameter shardings; parameters initialised (or loaded from an
-     HF directory) straight onto them. With LoRA (config.lora.enabled; derta_jax.train.lora)
-     the trained parameters are the adapters only; the frozen base is loaded from
-     model.hf_dir (or initialised from the seed) at every start, never checkpointed
-  4. resume from the latest complete checkpoint in the workdir, if any
-  5. the jitted step over the batches; metrics every log_every steps; async checkpoints
-  6. final checkpoint, loss-curve PNG, one-screen summary
+    setup    config validated; distributed runtime up; workdir with the resolved config;
+             tokenizer + rows -> token cache -> this process's batches (train.data)
+    assemble the mesh, the state's shardings and the jitted step (train.state.assemble,
+             the same step the planner compiles); weights from model.init_from /
+             model.hf_dir / the seed, straight onto their shardings
+    restore  the latest complete checkpoint of the workdir, if any
+    loop     the step over the batches; metrics every log_every steps; async checkpoints
+    summary  final checkpoint, loss-curve PNG, summary.json
 
 The workdir may be local or a URI (gs://bucket/run): every path in it goes through
-etils.epath (derta_jax.hf.workdir.resolve); Orbax writes checkpoints there directly.
+derta_jax.paths / derta_jax.workdir; Orbax writes checkpoints there directly.
 
 Preemption: SIGTERM (and SIGINT) set a flag; the loop saves a checkpoint at the next step
 boundary and exits (multi-process: at the next logging step, agreed by all processes;
@@ -26,25 +25,23 @@ import logging
 import math
 import os
 import time
-from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
-from flax import nnx
 
-from derta_jax import loss as derta
-from derta_jax.hf import workdir as layout
-from derta_jax.models.transformer import Transformer
-from derta_jax.train import checkpoint, flops, lora, mesh as mesh_lib
-from derta_jax.train.config import ConfigError, build_model_config, validate
+from derta_jax import paths
+from derta_jax import workdir as wd
+from derta_jax.train import flops, mesh as mesh_lib
+from derta_jax.train.config import (ConfigError, build_model_config, validate,
+                                    validate_against_model)
 from derta_jax.train.data import build_training_data
 from derta_jax.train.metrics import MetricLogger, plot_loss_curve, tail_mean
-from derta_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from derta_jax.train.preemption import StopFlag
-from derta_jax.train.step import BATCH_KEYS, TrainState, make_train_step
+from derta_jax.train.state import Assembly, assemble, base_record
+from derta_jax.train.step import BATCH_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +76,6 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     jax.distributed.initialize(**kwargs)
 
 
-def loss_config(config: ml_collections.ConfigDict) -> derta.LossConfig:
-    lo = config.loss
-    return derta.LossConfig(normalization=lo.normalization, lambda_mle=lo.lambda_mle,
-                            lambda_rto=lo.lambda_rto, rto_keep_rate=lo.rto_keep_rate,
-                            chunk_size=lo.chunk_size,
-                            num_position_buckets=lo.num_position_buckets).validate()
-
-
 def _write_resolved_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     path = workdir / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
@@ -96,47 +85,6 @@ def _write_resolved_config(config: ml_collections.ConfigDict, workdir: epath.Pat
         log.warning("config differs from the one this workdir was started with; "
                     "the old one is kept as config.%s.json", stamp)
     path.write_text(text)
-
-
-def abstract_model(model_cfg, seed: int, lora_settings: Optional[lora.LoraSettings] = None):
-    """The model as the trainer splits it, without allocating it (shapes, dtypes and
-    logical-axis metadata only); shared with the planner so both see the same split.
-
-    -> (graphdef, trained params, frozen base params or None, rest): the trained params
-    are all nnx.Params, or with `lora_settings` the adapters (the base is then frozen)."""
-    if lora_settings is None:
-        abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed)))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        return graphdef, params, None, rest
-    abstract = lora.abstract_lora_model(model_cfg, lora_settings, seed)
-    return nnx.split(abstract, nnx.LoRAParam, nnx.Param, ...)
-
-
-def _init_params(model_cfg, seed: int, shardings):
-    def init():
-        return nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param))
-
-    return jax.jit(init, out_shardings=shardings)()
-
-
-def _load_hf_params(hf_dir: str, model_cfg, abstract_params_state, shardings):
-    from derta_jax.hf import mapping, safetensors_io
-
-    state = mapping.load_hf_tensors(abstract_params_state, safetensors_io.iter_checkpoint(hf_dir),
-                                    model_cfg, jnp.dtype(model_cfg.param_dtype),
-                                    shardings=shardings)
-    return nnx.to_pure_dict(state)
-
-
-def under_mesh(mesh: jax.sharding.Mesh, fn):
-    """`fn` called with `mesh` as the ambient mesh (jax.set_mesh), so that it is traced
-    under it: the MoE block then dispatches tokens per shard (derta_jax/models/moe.py)
-    instead of sorting the global batch on every device."""
-    def call(*args, **kwargs):
-        with jax.set_mesh(mesh):
-            return fn(*args, **kwargs)
-
-    return call
 
 
 def _global_batch(local: dict, sharding) -> dict:
@@ -155,166 +103,131 @@ def _barrier(name: str) -> None:
 def run(config: ml_collections.ConfigDict) -> dict:
     maybe_initialize_distributed(config)
     validate(config, jax.device_count())
-    if not config.workdir:
-        raise ConfigError("workdir='': set --config.workdir=DIR (checkpoints, metrics, config)")
-    try:
-        workdir = layout.resolve(config.workdir)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        _write_resolved_config(config, workdir)
-
-    # -- data -----------------------------------------------------------------------------
     model_cfg = build_model_config(config)
-
-    def build_data():
-        return build_training_data(config, workdir, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-
-    # Process 0 trains the tokenizer / writes the token cache; the others then read them.
-    data = build_data() if is_main else None
-    _barrier("derta_jax:data_ready")
-    data = data or build_data()
-    if len(data.tokenizer) > model_cfg.vocab_size:
-        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size}: the tokenizer has "
-                         f"{len(data.tokenizer)} tokens")
-    plan_steps = data.pipeline.num_steps
-    total_steps = config.train.max_steps if config.train.max_steps > 0 else plan_steps
-    if total_steps > plan_steps:
-        raise ConfigError(f"train.max_steps={config.train.max_steps}: the data gives only "
-                         f"{plan_steps} steps in train.num_epochs={config.train.num_epochs} "
-                         f"epochs; raise num_epochs or lower max_steps")
-    if is_main:
-        layout.write_model_config(workdir, model_cfg)
-        (workdir / "data_report.json").write_text(json.dumps(data.report, indent=2, default=str))
-        _copy_tokenizer(data.tokenizer_dir, workdir)
-
-    # -- model, shardings, optimiser ---------------------------------------------------------
-    mesh = mesh_lib.make_mesh(config.mesh)
-    lora_settings = lora.LoraSettings.from_config(config.lora) if config.lora.enabled else None
-    if lora_settings is not None and is_main:
-        with layout.staged(workdir) as local:  # lora.py writes local files
-            lora.write_record(local, lora_settings, base_hf_dir=config.model.hf_dir,
-                              seed=config.seed)
-    graphdef, abstract_params, abstract_base, rest = abstract_model(model_cfg, config.seed,
-                                                                     lora_settings)
-    param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_params, mesh))
-    optimizer = make_optimizer(config.optim, total_steps)
-    schedule = learning_rate_schedule(config.optim, total_steps)
-    abstract_pure = nnx.to_pure_dict(abstract_params)
-    opt_shardings = opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh)
-    rep = mesh_lib.replicated(mesh)
-    state_shardings = TrainState(rep, param_shardings, opt_shardings, rep)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    loss_cfg = loss_config(config)
-    micro = config.train.micro_batches
-    micro_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-        *batch_sharding.spec))
-
-    def constrain(mb):
-        return {k: jax.lax.with_sharding_constraint(v, micro_spec) for k, v in mb.items()}
-
-    prepare_model = None
-    if lora_settings is not None and lora_settings.dropout > 0:
-        prepare_model = lora.set_dropout_keys
-    step_fn = make_train_step(graphdef, optimizer, loss_cfg, micro,
-                              aux_loss_coef=model_cfg.router_aux_loss_coef,
-                              micro_batch_constraint=constrain, prepare_model=prepare_model)
-    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-    if abstract_base is None:
-        frozen_shardings = None
-        frozen = nnx.to_pure_dict(rest)
-    else:  # LoRA: the frozen base, reloaded at every start (checkpoints hold only adapters)
-        frozen_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(abstract_base, mesh))
-        if config.model.hf_dir:
-            frozen = _load_hf_params(config.model.hf_dir, model_cfg, abstract_base, frozen_shardings)
-        else:
-            frozen = lora.init_base_params(model_cfg, config.seed, frozen_shardings)
-    jit_step = under_mesh(mesh, jax.jit(
-        step_fn, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
-        out_shardings=(state_shardings, None), donate_argnums=(0,)))
-
-    mngr = checkpoint.manager(workdir, config.checkpoint.keep, config.checkpoint.async_save)
-    base_rng = jax.random.key(config.seed)
-    start = checkpoint.latest_step(mngr)
-    if start is not None:
-        abstract_p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  abstract_pure, param_shardings)
-        abstract_o = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                  jax.eval_shape(optimizer.init, abstract_pure), opt_shardings)
-        restored = checkpoint.restore(mngr, start, abstract_p, abstract_o, base_rng, rep)
-        state = TrainState(jnp.asarray(restored["step"], jnp.int32), restored["params"],
-                           restored["opt_state"], restored["rng"])
-        iterator = data.pipeline.iterator(restored["data"])
-        log.info("resumed from step %d of %s", start, workdir)
+    validate_against_model(config, model_cfg)  # bad input found before anything is written
+    workdir, is_main = _setup_workdir(config)
+    data = _build_data(config, workdir, model_cfg, is_main)
+    total_steps = _total_steps(config, data.pipeline.num_steps)
+    a = assemble(config, mesh_lib.make_mesh(config.mesh), total_steps, model_cfg)
+    if a.lora_settings is not None and is_main:
+        wd.write_lora_record(workdir, a.lora_settings, base=base_record(config, model_cfg),
+                             seed=config.seed)
+    frozen = a.load_frozen()
+    mngr = wd.checkpoint_manager(workdir, keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+    start = mngr.latest_step()
+    if start is None:
+        state, iterator, start = a.init_state(), data.pipeline.iterator(), 0
     else:
-        if lora_settings is not None:
-            params = lora.init_adapters(model_cfg, lora_settings, config.seed, param_shardings)
-        elif config.model.hf_dir:
-            params = _load_hf_params(config.model.hf_dir, model_cfg, abstract_params,
-                                     param_shardings)
-        else:
-            params = _init_params(model_cfg, config.seed, param_shardings)
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-        state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, base_rng)
-        iterator = data.pipeline.iterator()
-        start = 0
-
-    # -- the loop ---------------------------------------------------------------------------
-    tokens_per_step_flops = flops.training_flops_per_token(
-        model_cfg, config.data.max_length, lora=lora_settings is not None,
-        lora_rank=lora_settings.rank if lora_settings is not None else 0)
-    peak = config.train.peak_flops_per_device or flops.peak_flops_for(jax.devices()[0].device_kind)
+        state, data_state = a.restore_state(mngr, start)
+        iterator = data.pipeline.iterator(data_state)
+        log.info("resumed from step %d of %s", start, workdir)
     logger = MetricLogger(workdir, total_steps, is_main)
     stop = StopFlag(every=config.train.log_every)
     stop.install()
-    step = start
-    tokens_since_log = jnp.zeros((), jnp.float32)
-    nonfinite = jnp.zeros((), jnp.bool_)
     t_start = time.perf_counter()
-    last_metrics: dict = {}
     try:
-        while step < total_steps:
-            local = next(iterator)
-            batch = _global_batch(local, batch_sharding)
-            state, metrics = jit_step(state, frozen, batch)
-            step += 1
-            stopping = stop.should_stop(step)
-            nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
-            tokens_since_log = tokens_since_log + jnp.sum(batch["segment_ids"] > 0)
-            is_log = step % config.train.log_every == 0 or step == total_steps
-            is_save = step % config.checkpoint.every_steps == 0 or step == total_steps
-            if is_log:
-                host = jax.device_get(metrics)
-                host["lr"] = float(schedule(step - 1))
-                tokens = float(tokens_since_log)
-                last_metrics = logger.log(step, host, data.pipeline.plan.epoch_progress(
-                    min(step, plan_steps - 1)), tokens)
-                if "tokens_per_sec" in last_metrics and peak:
-                    last_metrics["mfu"] = (last_metrics["tokens_per_sec"] * tokens_per_step_flops
-                                           / (peak * jax.device_count()))
-                tokens_since_log = jnp.zeros((), jnp.float32)
-            if (is_log or is_save or stopping) and bool(nonfinite):
-                mngr.wait_until_finished()
-                raise NonFiniteLossError(
-                    f"non-finite loss at or before step {step}; the last complete checkpoint "
-                    f"(step {checkpoint.latest_step(mngr)}) is kept and nothing newer is saved. "
-                    f"Lower optim.lr or check the data.")
-            if is_save or stopping:
-                checkpoint.save(mngr, step, state.params, state.opt_state, state.rng,
-                                iterator.get_state(), force=True)
-            if stopping:
-                log.warning("%s: checkpoint saved at step %d; exiting", stop.reason(), step)
-                break
+        step, last = _train(config, a, state, frozen, iterator, data, mngr, logger, stop,
+                            start, total_steps)
     finally:
         mngr.wait_until_finished()
         mngr.close()
         logger.close()
+    return _summary(workdir, is_main, data, logger, last, stop, step, total_steps,
+                    time.perf_counter() - t_start)
+
+
+def _setup_workdir(config: ml_collections.ConfigDict) -> tuple[epath.Path, bool]:
+    if not config.workdir:
+        raise ConfigError("workdir='': set --config.workdir=DIR (checkpoints, metrics, config)")
+    try:
+        workdir = paths.resolve(config.workdir)
+    except ValueError as err:
+        raise ConfigError(f"workdir: {err}") from None
+    is_main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        _write_resolved_config(config, workdir)
+    return workdir, is_main
+
+
+def _build_data(config, workdir, model_cfg, is_main: bool):
+    """Process 0 trains the tokenizer / writes the token cache; the others then read them."""
+    def build():
+        return build_training_data(config, workdir, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+
+    data = build() if is_main else None
+    _barrier("derta_jax:data_ready")
+    data = data or build()
+    if len(data.tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size}: the tokenizer has "
+                         f"{len(data.tokenizer)} tokens")
+    if is_main:
+        wd.write_model_config(workdir, model_cfg)
+        (workdir / wd.DATA_REPORT_FILE).write_text(json.dumps(data.report, indent=2, default=str))
+        _copy_tokenizer(data.tokenizer_dir, workdir)
+    return data
+
+
+def _total_steps(config: ml_collections.ConfigDict, plan_steps: int) -> int:
+    total = config.train.max_steps if config.train.max_steps > 0 else plan_steps
+    if total > plan_steps:
+        raise ConfigError(f"train.max_steps={config.train.max_steps}: the data gives only "
+                          f"{plan_steps} steps in train.num_epochs={config.train.num_epochs} "
+                          f"epochs; raise num_epochs or lower max_steps")
+    return total
+
+
+def _train(config, a: Assembly, state, frozen, iterator, data, mngr, logger: MetricLogger,
+           stop: StopFlag, step: int, total_steps: int) -> tuple[int, dict]:
+    """The step loop from `step` to `total_steps` -> (last step, last logged metrics)."""
+    flops_per_token = flops.training_flops_per_token(
+        a.model_cfg, config.data.max_length, lora=a.lora_settings is not None,
+        lora_rank=a.lora_settings.rank if a.lora_settings is not None else 0)
+    peak = config.train.peak_flops_per_device or flops.peak_flops_for(jax.devices()[0].device_kind)
+    plan_steps = data.pipeline.num_steps
+    tokens_since_log = jnp.zeros((), jnp.float32)
+    nonfinite = jnp.zeros((), jnp.bool_)
+    last_metrics: dict = {}
+    while step < total_steps:
+        batch = _global_batch(next(iterator), a.batch_sharding)
+        state, metrics = a.step(state, frozen, batch)
+        step += 1
+        stopping = stop.should_stop(step)
+        nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
+        tokens_since_log = tokens_since_log + jnp.sum(batch["segment_ids"] > 0)
+        is_log = step % config.train.log_every == 0 or step == total_steps
+        is_save = step % config.checkpoint.every_steps == 0 or step == total_steps
+        if is_log:
+            host = jax.device_get(metrics)
+            host["lr"] = float(a.schedule(step - 1))
+            last_metrics = logger.log(step, host, data.pipeline.plan.epoch_progress(
+                min(step, plan_steps - 1)), float(tokens_since_log))
+            if "tokens_per_sec" in last_metrics and peak:
+                last_metrics["mfu"] = (last_metrics["tokens_per_sec"] * flops_per_token
+                                       / (peak * jax.device_count()))
+            tokens_since_log = jnp.zeros((), jnp.float32)
+        if (is_log or is_save or stopping) and bool(nonfinite):
+            mngr.wait_until_finished()
+            raise NonFiniteLossError(
+                f"non-finite loss at or before step {step}; the last complete checkpoint "
+                f"(step {mngr.latest_step()}) is kept and nothing newer is saved. "
+                f"Lower optim.lr or check the data.")
+        if is_save or stopping:
+            wd.save_training_state(mngr, step, state.params, state.opt_state, state.rng,
+                                   iterator.get_state(), force=True)
+        if stopping:
+            log.warning("%s: checkpoint saved at step %d; exiting", stop.reason(), step)
+            break
+    return step, last_metrics
+
+
+def _summary(workdir, is_main: bool, data, logger: MetricLogger, last_metrics: dict,
+             stop: StopFlag, step: int, total_steps: int, seconds: float) -> dict:
     summary = {
         "workdir": os.fspath(workdir), "steps": step, "total_steps": total_steps,
-        "interrupted": stop.stopped, "seconds": time.perf_counter() - t_start,
+        "interrupted": stop.stopped, "seconds": seconds,
         # one logged step is one noisy batch: the summary reports a mean over the run's tail
         "tail_mean_metrics": tail_mean(logger.history),
         "last_logged_metrics": {k: v for k, v in last_metrics.items()
@@ -328,25 +241,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
     return summary
 
 
-def opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh):
-    """Shardings of `optimizer`'s state: moments shard like their parameters, scalars
-    (step counts) are replicated. Public for the planner, which must place the state
-    exactly as the trainer does. `abstract_pure`: the trained params as a pure dict."""
-    import optax
-
-    rep = mesh_lib.replicated(mesh)
-    return optax.tree_map_params(optimizer, lambda _, sharding: sharding,
-                                 jax.eval_shape(optimizer.init, abstract_pure), param_shardings,
-                                 transform_non_params=lambda _: rep)
-
-
 def _copy_tokenizer(tokenizer_dir: str, workdir: epath.Path) -> None:
     """Keep the tokenizer files with the run, so export writes them next to the weights."""
     try:
         from derta_jax.hf.tokenizer_files import copy_tokenizer_files
     except ImportError:
         return
-    target = epath.Path(layout.hf_files_path(workdir))
+    target = epath.Path(wd.hf_files_path(workdir))
     if not target.is_dir() or not any(target.iterdir()):
-        with layout.staged(target) as local:
+        with paths.staged(target) as local:
             copy_tokenizer_files(tokenizer_dir, local)

@@ -23,7 +23,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from etils import epath
 
-from derta_jax.hf import workdir as layout
+from derta_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -41,9 +41,9 @@ def _fmt_duration(seconds: float) -> str:
 class MetricLogger:
     """Writes every logged step to TensorBoard and metrics.jsonl, and prints a progress line."""
 
-    def __init__(self, workdir: layout.PathLike, total_steps: int, is_main: bool = True,
+    def __init__(self, workdir: paths.PathLike, total_steps: int, is_main: bool = True,
                  sync_every_s: float = 60.0):
-        self.workdir = layout.resolve(workdir)
+        self.workdir = paths.resolve(workdir)
         self.total_steps, self.is_main, self.sync_every_s = total_steps, is_main, sync_every_s
         self.history: list[dict] = []
         self._writer = None
@@ -53,7 +53,7 @@ class MetricLogger:
             from tensorboardX import SummaryWriter
 
             local = os.fspath(self.workdir)
-            if layout.is_remote(self.workdir):
+            if paths.is_remote(self.workdir):
                 local = self._stage = tempfile.mkdtemp(prefix="derta_jax_metrics_")
                 remote_jsonl = self.workdir / METRICS_FILE
                 if remote_jsonl.exists():  # a resumed run appends to the earlier records
@@ -95,7 +95,7 @@ class MetricLogger:
         self._writer.flush()
         self._jsonl.flush()
         if self._stage is not None:
-            layout.copy_tree(self._stage, self.workdir)
+            paths.copy_tree(self._stage, self.workdir)
         self._last_sync = time.perf_counter()
 
     def _print(self, row: dict) -> None:
@@ -122,12 +122,12 @@ class MetricLogger:
         self._writer.close()
         self._jsonl.close()
         if self._stage is not None:
-            layout.copy_tree(self._stage, self.workdir)
+            paths.copy_tree(self._stage, self.workdir)
             shutil.rmtree(self._stage, ignore_errors=True)
         self._writer = self._jsonl = self._stage = None
 
 
-def plot_loss_curve(history: list[dict], path: layout.PathLike) -> Optional[str]:
+def plot_loss_curve(history: list[dict], path: paths.PathLike) -> Optional[str]:
     """Loss, MLE and RTO loss against step, and P(refusal) by depth bucket; returns the path
     (local or remote: the PNG is rendered in memory and written through epath)."""
     if not history:

@@ -2,9 +2,9 @@
 
 Why: the analytic byte counts in plan_memory say what the state costs; only XLA knows what
 the step's activations and temporaries cost after fusion, remat and scheduling, and only
-lowering the step with its real shardings proves the sharding is legal. This module builds
-the step exactly as derta_jax.train.loop does (same optimiser, loss config, rules, batch
-constraint, donation), feeds `jax.ShapeDtypeStruct`s instead of arrays, and returns XLA's
+lowering the step with its real shardings proves the sharding is legal. The step is the
+trainer's own (derta_jax.train.state.assemble: same optimiser, loss, rules, batch
+constraint, donation); the planner feeds it `jax.ShapeDtypeStruct`s instead of arrays and returns XLA's
 `memory_analysis()` of the compiled program. Nothing the size of the model is allocated.
 
 The devices may be fake CPU devices (`--xla_force_host_platform_device_count`) or, where
@@ -20,21 +20,10 @@ import dataclasses
 import time
 from typing import Any, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from derta_jax.train import lora, mesh as mesh_lib
-from derta_jax.train.config import build_model_config
-from derta_jax.train.loop import loss_config, opt_state_shardings
-from derta_jax.train.optimizer import make_optimizer
-from derta_jax.train.plan_memory import abstract_parts
-from derta_jax.train.step import BATCH_KEYS, TrainState, make_train_step
-
-BATCH_DTYPES = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_,
-                "rto_mask": jnp.bool_, "positions": jnp.int32, "segment_ids": jnp.int32}
+from derta_jax.train import mesh as mesh_lib
+from derta_jax.train.state import assemble
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,64 +44,18 @@ class CompiledMemory:
                 + self.code_bytes)
 
 
-def _with_sharding(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-
-
-def abstract_step_inputs(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-    """(step function, in shardings, out shardings, abstract (state, frozen, batch)) exactly
-    as the loop builds them: full fine-tuning, or LoRA adapters over a frozen base."""
-    model_cfg = build_model_config(config)
-    graphdef, trained, frozen_base, rest = abstract_parts(config, model_cfg)
-    param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(trained, mesh))
-    abstract_pure = nnx.to_pure_dict(trained)
-    total_steps = config.train.max_steps if config.train.max_steps > 0 else 1000
-    optimizer = make_optimizer(config.optim, total_steps)
-    opt_shardings = opt_state_shardings(optimizer, abstract_pure, param_shardings, mesh)
-    rep = mesh_lib.replicated(mesh)
-    state_shardings = TrainState(rep, param_shardings, opt_shardings, rep)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    micro_spec = NamedSharding(mesh, PartitionSpec(*batch_sharding.spec))
-
-    def constrain(micro_batch):
-        return {k: jax.lax.with_sharding_constraint(v, micro_spec) for k, v in micro_batch.items()}
-
-    prepare_model = None
-    if config.lora.enabled and config.lora.dropout > 0:
-        prepare_model = lora.set_dropout_keys
-    step_fn = make_train_step(graphdef, optimizer, loss_config(config), config.train.micro_batches,
-                              aux_loss_coef=model_cfg.router_aux_loss_coef,
-                              micro_batch_constraint=constrain, prepare_model=prepare_model)
-    if frozen_base is None:
-        frozen_shardings, frozen = None, nnx.to_pure_dict(rest)
-    else:
-        frozen_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(frozen_base, mesh))
-        frozen = _with_sharding(nnx.to_pure_dict(frozen_base), frozen_shardings)
-    batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-    abstract_state = TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
-        _with_sharding(abstract_pure, param_shardings),
-        _with_sharding(jax.eval_shape(optimizer.init, abstract_pure), opt_shardings),
-        jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep))
-    shape = (config.train.batch_size, config.data.max_length)
-    abstract_batch = {k: jax.ShapeDtypeStruct(shape, BATCH_DTYPES[k], sharding=batch_sharding)
-                      for k in BATCH_KEYS}
-    in_shardings = (state_shardings, frozen_shardings, batch_shardings)
-    return step_fn, in_shardings, (state_shardings, None), (abstract_state, frozen, abstract_batch)
+def planned_steps(config: ml_collections.ConfigDict) -> int:
+    """The schedule length the planner assumes (the step's program does not depend on it)."""
+    return config.train.max_steps if config.train.max_steps > 0 else 1000
 
 
 def compile_step_memory(config: ml_collections.ConfigDict,
                         devices: Optional[Sequence[Any]] = None) -> CompiledMemory:
     """Lowers and compiles the train step for `devices` (default: jax.devices()); raises the
     sharding error XLA raises if the mesh cannot hold the step."""
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
-    step_fn, in_shardings, out_shardings, args = abstract_step_inputs(config, mesh)
-    jitted = jax.jit(step_fn, in_shardings=in_shardings, out_shardings=out_shardings,
-                     donate_argnums=(0,))
+    a = assemble(config, mesh_lib.make_mesh(config.mesh, devices), planned_steps(config))
     start = time.perf_counter()
-    with jax.set_mesh(mesh):  # traced as the trainer traces it (MoE dispatch per shard)
-        compiled = jitted.lower(*args).compile()
+    compiled = a.lower(*a.abstract_inputs()).compile()  # traced under the mesh, as trained
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     return CompiledMemory(

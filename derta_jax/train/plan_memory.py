@@ -66,19 +66,19 @@ class StateMemory:
 
 def abstract_parts(config: ml_collections.ConfigDict, model_cfg: ModelConfig):
     """(graphdef, trained params, frozen base params or None, rest) as the trainer splits them:
-    full fine-tuning trains every nnx.Param; LoRA (derta_jax.train.lora) trains the
+    full fine-tuning trains every nnx.Param; LoRA (derta_jax.models.lora) trains the
     adapters (nnx.LoRAParam) and freezes the base."""
-    from derta_jax.train import lora
-    from derta_jax.train.loop import abstract_model
+    from derta_jax import weights
+    from derta_jax.models import lora
 
     settings = lora.LoraSettings.from_config(config.lora) if config.lora.enabled else None
-    return abstract_model(model_cfg, config.seed, settings)
+    return weights.abstract_parts(model_cfg, config.seed, settings)
 
 
 def opt_state_per_device(config: ml_collections.ConfigDict, trained: nnx.State, mesh) -> int:
     """Bytes per device of the trainer's optimiser state for `trained`, on its shardings."""
-    from derta_jax.train.loop import opt_state_shardings
     from derta_jax.train.optimizer import make_optimizer
+    from derta_jax.train.state import opt_state_shardings
 
     optimizer = make_optimizer(config.optim, 1000)
     pure = nnx.to_pure_dict(trained)

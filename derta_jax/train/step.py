@@ -1,5 +1,8 @@
 """One pure training step: `train_step(state, frozen, batch) -> (state, metrics)`.
 
+Built by derta_jax.train.state.assemble for every user (trainer, planner, benchmarks); the
+loss is a pluggable `LossFunction`, the DeRTa loss by default.
+
 The global batch [G, T] is split into `micro_batches` slices that a `lax.scan` walks through,
 adding gradients. The loss is normalised over the WHOLE global batch: `token_counts` of the
 global batch (cheap, no forward pass) are handed to every micro-batch, whose loss is
@@ -28,6 +31,31 @@ from derta_jax import loss as derta
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "rto_mask", "positions", "segment_ids")
 
 
+class LossFunction(NamedTuple):
+    """A loss the step can train with (the step is otherwise loss-agnostic, as Tunix's
+    `with_loss_fn`). The metrics contract: `loss` returns (scalar, dict of float32 sums),
+    `finalize` turns the sums accumulated over micro-batches into the logged metrics.
+
+    counts(batch) -> denominators, computed ONCE on the global batch
+    loss(hidden [B,T,D], unembedding [D,V], micro_batch, rng, counts) -> (loss, sums)
+    finalize(sums) -> metrics
+    """
+
+    counts: Callable[[dict], Any]
+    loss: Callable[..., tuple[jax.Array, dict]]
+    finalize: Callable[[dict], dict]
+
+
+def derta_loss_function(loss_cfg: derta.LossConfig) -> LossFunction:
+    """The default: DeRTa's MLE + RTO loss (derta_jax.loss), normalised over the global batch."""
+    def loss(hidden, unembedding, micro_batch, rng, counts):
+        return derta.derta_loss(hidden, unembedding, micro_batch, rng, loss_cfg,
+                                global_counts=counts)
+
+    return LossFunction(lambda batch: derta.token_counts(batch, loss_cfg), loss,
+                        derta.finalize_metrics)
+
+
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimiser steps taken
     params: Any  # nnx.State of the trained variables
@@ -45,7 +73,7 @@ def split_micro_batches(batch: dict, micro_batches: int) -> dict:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    loss_cfg: derta.LossConfig, micro_batches: int,
+                    micro_batches: int, loss_fn: LossFunction,
                     aux_loss_coef: float = 0.0,
                     micro_batch_constraint: Callable[[dict], dict] = lambda b: b,
                     prepare_model: Optional[Callable[[nnx.Module, jax.Array], Any]] = None):
@@ -58,8 +86,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             prepare_model(model, rng)
         hidden, aux = model(micro_batch["input_ids"], micro_batch["positions"],
                             micro_batch["segment_ids"])
-        loss, sums = derta.derta_loss(hidden, model.unembedding(), micro_batch, rng, loss_cfg,
-                                      global_counts=counts)
+        loss, sums = loss_fn.loss(hidden, model.unembedding(), micro_batch, rng, counts)
         if "aux_loss" in aux:
             sums["router_aux_loss_sum"] = aux["aux_loss"].astype(jnp.float32)
             if aux_loss_coef:
@@ -70,7 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     def train_step(state: TrainState, frozen: Any, batch: dict):
         step_rng = jax.random.fold_in(state.rng, state.step)
-        counts = derta.token_counts(batch, loss_cfg)
+        counts = loss_fn.counts(batch)
         micro = split_micro_batches({k: batch[k] for k in BATCH_KEYS}, micro_batches)
 
         def body(carry, xs):
@@ -94,7 +121,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = derta.finalize_metrics(sums)
+        metrics = loss_fn.finalize(sums)
         metrics["loss"] = loss
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["param_norm"] = optax.tree.norm(params)

@@ -1,8 +1,9 @@
-"""LoRA at export time: merge adapters into base kernels, or lay them out as PEFT does.
+"""LoRA in Hugging Face form: a run's adapters merged into streamed HF tensors, or laid out
+as PEFT saves them (adapter_model.safetensors + adapter_config.json).
 
-Why a pure function: the merge is the one place where an off-by-transpose or a wrong
-scale silently ships a different model, so it is written once, in the project's kernel
-layout, and tested against the PEFT formula.
+Why here and not in models/lora.py: these functions speak HF tensor names (the name table
+of derta_jax.hf.mapping) and PEFT's file layout; the merge formula itself is
+derta_jax.models.lora.merge_lora, shared with evaluation.
 
 Layouts. A derta_jax kernel maps inputs to outputs as `y = x @ W` with W of shape
 [*in_dims, *out_dims] (e.g. q_proj [D, H, Hd], o_proj [H, Hd, D]); its adapter is
@@ -10,39 +11,24 @@ A [*in_dims, r] and B [r, *out_dims], so `y = x @ W + (alpha / r) * (x @ A) @ B`
 PEFT stores an nn.Linear's adapter as lora_A.weight [r, in] and lora_B.weight [out, r]
 with `W_hf [out, in]`, and merges `W_hf + (alpha / r) * lora_B @ lora_A`.
 
-A LoRA run's checkpoint holds only adapters, keyed like their base parameter
-(`...q_proj.kernel_lora_a`, `...moe.w_gate_lora_b`; derta_jax.train.lora). Export streams
-the base checkpoint through `merged_hf_tensors` (one tensor at a time, merged in the model
-layout through the name table's exact transforms), or lays the adapters out for PEFT with
-`peft_adapter_tensors`.
+Export streams the base checkpoint through `merged_hf_tensors` (one tensor at a time,
+merged in the model layout through the name table's exact transforms), or lays the
+adapters out for PEFT with `peft_adapter_tensors` and `write_peft_adapter`.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Iterable, Iterator, Mapping
+import os
+import re
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import numpy as np
 
-
-def lora_scale(alpha: float, rank: int) -> float:
-    if rank <= 0:
-        raise ValueError(f"lora rank={rank!r}: must be positive")
-    return float(alpha) / float(rank)
-
-
-def merge_lora(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray,
-               alpha: float, rank: int) -> np.ndarray:
-    """W + (alpha/r) * A @ B in the derta_jax layout, computed in float32, returned in W's dtype."""
-    if lora_a.shape[-1] != rank or lora_b.shape[0] != rank:
-        raise ValueError(f"LoRA shapes A {lora_a.shape} / B {lora_b.shape} do not have rank {rank}")
-    in_dims, out_dims = lora_a.shape[:-1], lora_b.shape[1:]
-    if tuple(kernel.shape) != tuple(in_dims) + tuple(out_dims):
-        raise ValueError(f"kernel shape {kernel.shape} does not match LoRA A {lora_a.shape} "
-                         f"and B {lora_b.shape}")
-    delta = np.tensordot(np.asarray(lora_a, np.float32), np.asarray(lora_b, np.float32), axes=1)
-    merged = np.asarray(kernel, np.float32) + lora_scale(alpha, rank) * delta
-    return merged.astype(kernel.dtype)
+from derta_jax.hf.safetensors_io import SafetensorsError, write_safetensors_file
+from derta_jax.models.lora import merge_lora
+from derta_jax.paths import prepare_output_dir
 
 
 def peft_lora_weights(lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,42 +41,6 @@ def peft_lora_weights(lora_a: np.ndarray, lora_b: np.ndarray) -> tuple[np.ndarra
     a = np.asarray(lora_a).reshape(math.prod(lora_a.shape[:-1]), rank).T
     b = np.asarray(lora_b).reshape(rank, math.prod(lora_b.shape[1:])).T
     return np.ascontiguousarray(a), np.ascontiguousarray(b)
-
-
-# ------------------------------------------------------------------ a LoRA run's adapters
-
-LORA_A_SUFFIX, LORA_B_SUFFIX = "_lora_a", "_lora_b"
-
-
-def adapter_pairs(adapters: Mapping) -> dict[tuple, tuple[np.ndarray, np.ndarray]]:
-    """Nested dict of adapter arrays (as checkpointed) -> {base parameter path: (A, B)}.
-
-    Adapters are named after their base parameter as derta_jax.train.lora writes them:
-    `kernel` -> `kernel_lora_a` / `kernel_lora_b`, `w_gate` -> `w_gate_lora_a` / ..."""
-    flat: dict[tuple, Any] = {}
-
-    def walk(prefix: tuple, node: Any) -> None:
-        if isinstance(node, Mapping):
-            for key, value in node.items():
-                walk(prefix + (key,), value)
-        else:
-            flat[prefix] = node
-
-    walk((), adapters)
-    pairs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-    for path, value in flat.items():
-        name = str(path[-1])
-        if not name.endswith(LORA_A_SUFFIX):
-            if not name.endswith(LORA_B_SUFFIX):
-                raise ValueError(f"adapter parameter {'.'.join(map(str, path))}: not a LoRA A/B name")
-            continue
-        base = path[:-1] + (name[:-len(LORA_A_SUFFIX)],)
-        b_path = path[:-1] + (name[:-len(LORA_A_SUFFIX)] + LORA_B_SUFFIX,)
-        if b_path not in flat:
-            raise ValueError(f"adapter parameter {'.'.join(map(str, path))}: its B "
-                             f"{'.'.join(map(str, b_path))} is missing")
-        pairs[base] = (np.asarray(value), np.asarray(flat[b_path]))
-    return pairs
 
 
 def merged_hf_tensors(base_tensors: Iterable[tuple], pairs: Mapping[tuple, tuple],
@@ -182,3 +132,69 @@ def peft_adapter_tensors(pairs: Mapping[tuple, tuple], config
         mine = [m for m in adapted if m.rsplit(".", 1)[-1] == leaf]
         targets += [leaf] if len(mine) == len(by_leaf[leaf]) else mine
     return tensors, targets
+
+
+# ----------------------------------------------------------------------------- PEFT files
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+_PEFT_NAME = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+def peft_lora_config(rank: int, alpha: float, target_modules: list[str],
+                     dropout: float = 0.0, base_model_name_or_path: Optional[str] = None,
+                     **extra: Any) -> dict:
+    """The adapter_config.json content peft's LoraConfig.from_pretrained reads."""
+    if rank <= 0:
+        raise ValueError(f"lora rank={rank!r}: must be positive")
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(rank),
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+        **extra,
+    }
+
+
+def write_peft_adapter(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str,
+                       adapter_config: Mapping[str, Any], overwrite: bool = False) -> list[str]:
+    """Writes `adapter_model.safetensors` + `adapter_config.json` as peft saves them.
+
+    Names must be peft's saved form, `base_model.model.<module path>.lora_A.weight` ([r, in])
+    and `...lora_B.weight` ([out, r]); every A needs its B with the config's rank.
+    """
+    prepare_output_dir(out_dir, overwrite)
+    rank = adapter_config.get("r")
+    items = [(name, np.asarray(array)) for name, array in tensors]
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in items:
+        match = _PEFT_NAME.fullmatch(name)
+        if not match:
+            raise SafetensorsError(f"adapter tensor {name!r}: expected a name like "
+                                   f"'base_model.model.<module>.lora_A.weight'")
+        if array.ndim != 2:
+            raise SafetensorsError(f"adapter tensor {name!r}: expected 2 dimensions, got {array.shape}")
+        rank_axis = 0 if match.group(2) == "A" else 1
+        if array.shape[rank_axis] != rank:
+            raise SafetensorsError(f"adapter tensor {name!r}: shape {array.shape} does not have "
+                                   f"rank r={rank} on axis {rank_axis}")
+        modules.setdefault(match.group(1), {})[match.group(2)] = array
+    for module, pair in modules.items():
+        if set(pair) != {"A", "B"}:
+            raise SafetensorsError(f"adapter module {module!r}: needs both lora_A and lora_B")
+    write_safetensors_file(os.path.join(out_dir, ADAPTER_FILE), items, {"format": "pt"})
+    with open(os.path.join(out_dir, ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(dict(adapter_config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    return [ADAPTER_FILE, ADAPTER_CONFIG_FILE]

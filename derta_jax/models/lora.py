@@ -1,4 +1,8 @@
-"""LoRA adapters for the derta_jax Transformer: attach, drop out, record.
+"""LoRA model surgery for the derta_jax Transformer: attach, drop out, merge.
+
+The one LoRA module of the project: the trainer (adapters over a frozen base), export
+(merge, PEFT layout in derta_jax.hf.peft) and evaluate (a LoRA workdir merged into a plain
+model) all use it; building the adapted model and its weights is derta_jax.weights's job.
 
     settings = LoraSettings.from_config(config.lora)
     adapted = add_lora(model, settings, rngs=nnx.Rngs(params=lora_init_key(seed)))
@@ -36,17 +40,18 @@ a key (`set_dropout_keys`); models built for evaluation or export never are, so 
 deterministic. Keys derive from the micro-batch's key, the adapter's index, and (scanned)
 the layer, so a resumed run draws the same masks as an uninterrupted one.
 
+Merge: `merge_lora` is W + (alpha/r) A B in float32, cast back to W's dtype; it is the
+one formula that export (HF tensors, streamed) and evaluate (`merge_into_params`) share.
+
 The run's LoRA settings and where its frozen base came from are recorded in
-WORKDIR/lora.json (`write_record` / `read_record`), which export reads: checkpoints hold
-only the adapters and their optimiser state, never the base.
+WORKDIR/lora.json (derta_jax.workdir.write_lora_record / read_lora_record): checkpoints
+hold only the adapters and their optimiser state, never the base.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import re
 from typing import Any, Optional
 
@@ -54,7 +59,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from derta_jax.hf import workdir as layout
 from derta_jax.models.layers import Projection
 
 RECORD_FILE = "lora.json"
@@ -263,79 +267,95 @@ def set_dropout_keys(model: nnx.Module, key: jax.Array) -> int:
     return count
 
 
-def abstract_lora_model(model_config, settings: LoraSettings, seed: int) -> nnx.Module:
-    """The adapted Transformer as shapes only (nothing allocated)."""
-    from derta_jax.models.transformer import Transformer
+# ----------------------------------------------------------------------------- merge math
 
-    def build():
-        model = Transformer(model_config, rngs=nnx.Rngs(seed))
-        add_lora(model, settings, rngs=nnx.Rngs(params=lora_init_key(seed)))
-        return model
-
-    return nnx.eval_shape(build)
+LORA_A_SUFFIX, LORA_B_SUFFIX = "_lora_a", "_lora_b"
 
 
-def init_adapters(model_config, settings: LoraSettings, seed: int, shardings: Any = None) -> dict:
-    """The adapters' initial values (pure dict), from the seed alone; the base's random
-    initialisation is dead code that XLA removes."""
-    from derta_jax.models.transformer import Transformer
-
-    def build():
-        model = Transformer(model_config, rngs=nnx.Rngs(seed))
-        add_lora(model, settings, rngs=nnx.Rngs(params=lora_init_key(seed)))
-        return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
-
-    return jax.jit(build, out_shardings=shardings)()
+def lora_scale(alpha: float, rank: int) -> float:
+    if rank <= 0:
+        raise ValueError(f"lora rank={rank!r}: must be positive")
+    return float(alpha) / float(rank)
 
 
-def init_base_params(model_config, seed: int, shardings: Any = None) -> dict:
-    """A base model initialised from the seed (runs without model.hf_dir), as a pure dict."""
-    from derta_jax.models.transformer import Transformer
+def merge_lora(kernel, lora_a, lora_b, alpha: float, rank: int):
+    """W + (alpha/r) * A @ B in the derta_jax layout, computed in float32, returned in W's
+    dtype. The one merge formula: export (HF tensors) and evaluate (model weights) both call
+    it, so a merged export and an evaluated LoRA workdir hold the same weights bit for bit."""
+    import numpy as np
 
-    def build():
-        return nnx.to_pure_dict(nnx.state(Transformer(model_config, rngs=nnx.Rngs(seed)), nnx.Param))
-
-    return jax.jit(build, out_shardings=shardings)()
-
-
-# ----------------------------------------------------------------------------- workdir record
-
-def write_record(workdir: str, settings: LoraSettings, *, base_hf_dir: str = "",
-                 seed: int = 0) -> str:
-    """WORKDIR/lora.json: the settings and where the frozen base comes from.
-
-    Written through etils.epath, so `workdir` may be a URI (gs://...); a local
-    `base_hf_dir` is recorded as an absolute path, a URI as it is."""
-    base = ({"hf_dir": os.fspath(layout.resolve(base_hf_dir))} if base_hf_dir
-            else {"init_seed": int(seed)})
-    record = {**dataclasses.asdict(settings), "seed": int(seed), "base": base}
-    path = layout.resolve(workdir) / RECORD_FILE
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return os.fspath(path)
+    if lora_a.shape[-1] != rank or lora_b.shape[0] != rank:
+        raise ValueError(f"LoRA shapes A {lora_a.shape} / B {lora_b.shape} do not have rank {rank}")
+    in_dims, out_dims = lora_a.shape[:-1], lora_b.shape[1:]
+    if tuple(kernel.shape) != tuple(in_dims) + tuple(out_dims):
+        raise ValueError(f"kernel shape {kernel.shape} does not match LoRA A {lora_a.shape} "
+                         f"and B {lora_b.shape}")
+    delta = np.tensordot(np.asarray(lora_a, np.float32), np.asarray(lora_b, np.float32), axes=1)
+    merged = np.asarray(kernel, np.float32) + lora_scale(alpha, rank) * delta
+    return merged.astype(kernel.dtype)
 
 
-def read_record(workdir: str) -> Optional[dict]:
-    """-> {'settings': LoraSettings, 'seed': int, 'base': {...}}, or None for a non-LoRA run.
+def adapter_pairs(adapters: Any) -> dict:
+    """Nested dict of adapter arrays (as checkpointed) -> {base parameter path: (A, B)}.
 
-    Read through etils.epath: export and evaluate take gs:// workdirs too."""
-    path = layout.resolve(workdir) / RECORD_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: line {err.lineno}: not JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
-    fields = {f.name for f in dataclasses.fields(LoraSettings)}
-    for name in sorted(fields | {"seed", "base"}):
-        if name not in record and name != "dtype":
-            raise ValueError(f"{path}: missing field {name!r}")
-    base = record["base"]
-    if not isinstance(base, dict) or not ({"hf_dir", "init_seed"} & set(base)):
-        raise ValueError(f"{path}: field 'base' must hold 'hf_dir' or 'init_seed', got {base!r}")
-    try:
-        settings = LoraSettings(**{k: record[k] for k in fields if k in record}).validate()
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from None
-    return {"settings": settings, "seed": int(record["seed"]), "base": base}
+    Adapters are named after their base parameter: `kernel` -> `kernel_lora_a` /
+    `kernel_lora_b`, `w_gate` -> `w_gate_lora_a` / ..."""
+    from collections.abc import Mapping
+
+    import numpy as np
+
+    flat: dict = {}
+
+    def walk(prefix: tuple, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(prefix + (key,), value)
+        else:
+            flat[prefix] = node
+
+    walk((), adapters)
+    pairs: dict = {}
+    for path, value in flat.items():
+        name = str(path[-1])
+        if not name.endswith(LORA_A_SUFFIX):
+            if not name.endswith(LORA_B_SUFFIX):
+                raise ValueError(f"adapter parameter {_dotted(path)}: not a LoRA A/B name")
+            continue
+        base = path[:-1] + (name[:-len(LORA_A_SUFFIX)],)
+        b_path = path[:-1] + (name[:-len(LORA_A_SUFFIX)] + LORA_B_SUFFIX,)
+        if b_path not in flat:
+            raise ValueError(f"adapter parameter {_dotted(path)}: its B {_dotted(b_path)} "
+                             f"is missing")
+        pairs[base] = (np.asarray(value), np.asarray(flat[b_path]))
+    return pairs
+
+
+def merge_into_params(base: dict, adapters: dict, settings: LoraSettings) -> dict:
+    """The base parameters (pure nested dict, model layout) with every adapted weight
+    replaced by merge_lora of its adapters: a plain (adapter-free) model's parameters.
+    Stacked (scanned) kernels merge layer by layer, expert weights expert by expert, as
+    the adapters' leading axes say; the result lives on the host (numpy)."""
+    import numpy as np
+
+    merged = jax.tree.map(np.asarray, base)
+    for path, (lora_a, lora_b) in adapter_pairs(adapters).items():
+        node = merged
+        try:
+            for key in path[:-1]:
+                node = node[key]
+            kernel = node[path[-1]]
+        except KeyError:
+            raise ValueError(f"adapter of {_dotted(path)}: the base model has no such "
+                             f"parameter") from None
+        lora_a, lora_b = np.asarray(lora_a), np.asarray(lora_b)
+        lead = lora_a.ndim + lora_b.ndim - kernel.ndim - 2  # stacked layers, experts
+        if lead <= 0:
+            node[path[-1]] = merge_lora(kernel, lora_a, lora_b, settings.alpha, settings.rank)
+            continue
+        lead_shape = lora_a.shape[:lead]
+        out = np.empty_like(kernel)
+        for index in np.ndindex(*lead_shape):
+            out[index] = merge_lora(kernel[index], lora_a[index], lora_b[index],
+                                    settings.alpha, settings.rank)
+        node[path[-1]] = out
+    return merged
