@@ -24,7 +24,7 @@ only their adapters. Their export needs the frozen base: the HF directory the ru
 from (recorded in lora.json; `--base_hf_dir` points elsewhere, e.g. after a move), or, for
 runs without one, the base re-initialised from the recorded seed. `--lora=merge` (the
 default) streams the base tensor by tensor and writes W + (alpha/r) A B in place of every
-adapted weight (derta_jax.hf.lora.merged_hf_tensors): a normal HF model directory.
+adapted weight (derta_jax.hf.peft.merged_hf_tensors): a normal HF model directory.
 `--lora=adapter` writes PEFT's `adapter_model.safetensors` + `adapter_config.json`
 (+ tokenizer files), for `PeftModel.from_pretrained(base, OUT)` on top of the base model.
 """

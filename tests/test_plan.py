@@ -302,6 +302,8 @@ def test_planner_and_trainer_lower_the_same_step(tmp_path):
 
     config = _tiny(fsdp=8)
     config.workdir = str(tmp_path)
+    config.model.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                        num_kv_heads=1, head_dim=16)
     config.data.update(synthetic_triples=20, synthetic_helpful=40, num_safety=20, max_length=96)
     config.train.update(batch_size=8, max_steps=2)
     config.lora.update(enabled=True, rank=4)  # the trained/frozen split: the harder case

@@ -106,7 +106,7 @@ def split_equation(equation: str, rank_char: Optional[str] = None) -> tuple[str,
     """A projection's einsum 'lhs,rhs->out' -> (x @ A equation, (x A) @ B equation, #in dims).
 
     The kernel's axes must be its contracted (input) axes first, then its output axes,
-    the layout derta_jax.hf.lora assumes for A [*in, r] and B [r, *out]."""
+    the layout derta_jax.hf.peft assumes for A [*in, r] and B [r, *out]."""
     try:
         inputs, out = equation.replace(" ", "").split("->")
         lhs, rhs = inputs.split(",")
