@@ -169,26 +169,12 @@ def _base_tensors(workdir: str, config, record: dict, base_hf_dir: Optional[str]
     first); a workdir or seed base is built whole by derta_jax.weights."""
     source = weights.lora_base_source(record, base_hf_dir)
     if "hf_dir" in source:
-        _check_hf_base(workdir, config, record, source["hf_dir"])
+        weights.check_lora_hf_base(workdir, record, config, source["hf_dir"])
         return iter_checkpoint(source["hf_dir"]), source["hf_dir"]
     params = weights.load_lora_base(workdir, record, config)
     where = f"the LoRA run's base ({source})"
     tensors = export_hf_tensors(_model_state(config, params), config)
     return ((name, array, where) for name, array in tensors), None
-
-
-def _check_hf_base(workdir: str, config, record: dict, hf_dir: str) -> None:
-    where = f"{paths.resolve(workdir) / wd.LORA_RECORD_FILE}: base"
-    if paths.is_remote(hf_dir):
-        raise ValueError(f"{where}.hf_dir={hf_dir}: a remote HF directory; copy it to a local "
-                         f"one and pass --base_hf_dir=DIR")
-    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-        raise FileNotFoundError(f"{where}.hf_dir={hf_dir}: no config.json there (the LoRA "
-                                f"run's base model); pass --base_hf_dir=DIR")
-    from derta_jax.hf.config import model_config_from_hf
-
-    weights.check_base_hash(where, hf_dir, record["base"].get("model_config_sha256"),
-                            model_config_from_hf(hf_dir), config)
 
 
 def _export_lora_run(workdir: str, out: str, config, record: dict, step: int,

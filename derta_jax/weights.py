@@ -182,18 +182,8 @@ def load_lora_base(workdir: str, record: dict, cfg: ModelConfig, shardings: Any 
     where = f"{paths.resolve(workdir) / wd.LORA_RECORD_FILE}: base"
     recorded_hash = record["base"].get("model_config_sha256")
     if "hf_dir" in source:
-        hf_dir = source["hf_dir"]
-        if paths.is_remote(hf_dir):
-            raise wd.WorkdirError(f"{where}.hf_dir={hf_dir}: a remote HF directory; copy it to "
-                                  f"a local one and pass --base_hf_dir=DIR")
-        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
-            raise FileNotFoundError(f"{where}.hf_dir={hf_dir}: no config.json there (the "
-                                    f"LoRA run's base model); pass --base_hf_dir=DIR")
-        from derta_jax.hf.config import model_config_from_hf
-
-        base_cfg = model_config_from_hf(hf_dir)
-        check_base_hash(where, hf_dir, recorded_hash, base_cfg, cfg)
-        return load_hf_params(hf_dir, cfg, shardings)
+        check_lora_hf_base(workdir, record, cfg, source["hf_dir"])
+        return load_hf_params(source["hf_dir"], cfg, shardings)
     if "workdir" in source:
         base_dir = source["workdir"]
         if not wd.is_workdir(base_dir):
@@ -203,6 +193,22 @@ def load_lora_base(workdir: str, record: dict, cfg: ModelConfig, shardings: Any 
         params, _ = restore_full_params(base_dir, cfg, source.get("step"), shardings)
         return params
     return init_params(cfg, int(source["init_seed"]), shardings)
+
+
+def check_lora_hf_base(workdir: str, record: dict, cfg: ModelConfig, hf_dir: str) -> None:
+    """The HF directory a LoRA run's base is read from (load_lora_base, and export, which
+    streams it) must be local, hold a config.json, and be the model the run was trained on."""
+    where = f"{paths.resolve(workdir) / wd.LORA_RECORD_FILE}: base"
+    if paths.is_remote(hf_dir):
+        raise wd.WorkdirError(f"{where}.hf_dir={hf_dir}: a remote HF directory; copy it to "
+                              f"a local one and pass --base_hf_dir=DIR")
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise FileNotFoundError(f"{where}.hf_dir={hf_dir}: no config.json there (the "
+                                f"LoRA run's base model); pass --base_hf_dir=DIR")
+    from derta_jax.hf.config import model_config_from_hf
+
+    check_base_hash(where, hf_dir, record["base"].get("model_config_sha256"),
+                    model_config_from_hf(hf_dir), cfg)
 
 
 def check_base_hash(where: str, base: str, recorded: Optional[str], base_cfg: ModelConfig,
@@ -228,16 +234,14 @@ class LoadedModel:
     step: Optional[int]  # the checkpoint step (None for an HF directory)
 
 
-def load_model(path: str, *, step: Optional[int] = None, shardings: Any = None,
-               dtype: Optional[str] = None, base_hf_dir: Optional[str] = None) -> LoadedModel:
+def load_model(path: str, *, step: Optional[int] = None,
+               base_hf_dir: Optional[str] = None) -> LoadedModel:
     """An HF model directory or a derta_jax workdir (full or LoRA, any step, local or
     remote) as a plain model. Errors name `path` (the --model flag)."""
     remote = paths.is_remote(path)
     if wd.is_workdir(path):
         cfg = wd.read_model_config(path)
-        if dtype:
-            cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
-        params, step = restore_full_params(path, cfg, step, shardings, base_hf_dir=base_hf_dir)
+        params, step = restore_full_params(path, cfg, step, base_hf_dir=base_hf_dir)
         tokenizer_dir, run = wd.hf_files_path(path), wd.read_run_info(path)
     elif remote:
         raise FileNotFoundError(f"--model={path}: no {wd.MODEL_CONFIG_FILE} there; a remote "
@@ -254,9 +258,8 @@ def load_model(path: str, *, step: Optional[int] = None, shardings: Any = None,
             raise ValueError(f"--step={step}: {path} is an HF directory, which has no steps")
         from derta_jax.hf.config import model_config_from_hf
 
-        overrides = {"param_dtype": dtype, "dtype": dtype} if dtype else {}
-        cfg = model_config_from_hf(path, **overrides)
-        params = load_hf_params(path, cfg, shardings)
+        cfg = model_config_from_hf(path)
+        params = load_hf_params(path, cfg)
         tokenizer_dir, run = path, wd.RunInfo()
     state = abstract_params(cfg)
     nnx.replace_by_pure_dict(state, params)
