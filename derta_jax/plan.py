@@ -31,6 +31,7 @@ from typing import Any, Optional
 from absl import app, flags
 from ml_collections import config_flags
 
+from derta_jax import cli_flags
 from derta_jax.train.config import MESH_AXES  # plain data: importing it starts no JAX backend
 
 GIB = 2.0**30
@@ -271,8 +272,7 @@ def render(plan: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # cli_flags refuses positional arguments
     import logging
 
     logging.getLogger("jax._src").setLevel(logging.WARNING)  # "no libtpu" is not news here
@@ -302,8 +302,7 @@ def main(argv):
 
 def cli() -> None:
     """The console-script entry point (pyproject [project.scripts]), = python -m."""
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=cli_flags.config_parser(_CONFIG))
 
 
 if __name__ == "__main__":

@@ -188,8 +188,9 @@ def test_cli_builds_byte_identical_files_for_the_same_seed(tmp_path):
     rows = formats.read_reference(str(tmp_path / "a.jsonl")).rows
     assert [r.safe for r in rows].count(True) == 3
     again = _run_cli(*common, "--seed=5", f"--out={tmp_path / 'a.jsonl'}")
-    assert again.returncode == 1
-    assert f"error: {tmp_path / 'a.jsonl'} exists; pass --overwrite to replace it" in again.stderr
+    assert (again.returncode, again.stdout) == (2, "")
+    assert again.stderr == (f"error: --out={tmp_path / 'a.jsonl'}: exists; pass --overwrite to "
+                            f"replace it\n")
     # a bad row is reported with FILE:LINE: field, and the run fails
     with triples.open("a", encoding="utf-8") as f:
         f.write('{"prompt": "q", "safe_response": "no"}\n')
@@ -221,12 +222,53 @@ def test_cli_chat_template_uses_the_tokenizer(tmp_path, small_tokenizer_dir, sma
         assert row.text == by_question[question].safe_response + "<|eos|>"
 
 
-def test_cli_missing_input_is_one_line_naming_the_flag(tmp_path):
+# every bad command line: (arguments, the one line on stderr); {out} is the --out path
+BAD_COMMAND_LINES = [
+    (["--bogus=1", "--out={out}"], "--bogus: unknown flag"),
+    (["--num_safty=6", "--out={out}"], "--num_safty: unknown flag (did you mean --num_safety?)"),
+    (["--num_safety=abc", "--out={out}"], "--num_safety=abc: expected an integer"),
+    (["--num_safety=-2", "--out={out}"], "--num_safety=-2: -2 is not a non-negative integer"),
+    (["--num_safety=3", "--out={out}"], "--num_safety=3: num_safety must be even for recipe "
+                                        "'derta' (N/2 rows per safety kind), got 3"),
+    (["--overwrite=maybe", "--out={out}"], "--overwrite=maybe: expected true or false"),
+    (["--recipe=nope", "--out={out}"],
+     "--recipe=nope: value should be one of <sft|vanilla|prefix|rto|derta|recaug>"),
+    (["--triples=/missing.jsonl"], "--out: required, not given (see --help)"),
+    (["--out"], "--out: no value (write --out=VALUE)"),
+    (["--triples=/missing.jsonl", "--out={out}"], "--triples=/missing.jsonl: no such file"),
+    (["--template=chat", "--out={out}"],
+     "--template=chat: template 'chat' needs a tokenizer (--tokenizer=DIR)"),
+    (["--out={out}", "extra"], "unexpected argument 'extra' (flags are written --name=value)"),
+]
+
+
+@pytest.mark.parametrize("args,line", BAD_COMMAND_LINES)
+def test_bad_command_lines_are_one_line_with_exit_status_2(tmp_path, capsys, args, line):
     out = tmp_path / "train.jsonl"
-    done = _run_cli("--triples=/missing.jsonl", f"--out={out}")
+    with pytest.raises(SystemExit) as done:
+        mixture.main(["derta-mixture", *(a.format(out=out) for a in args)])
+    captured = capsys.readouterr()
+    assert (done.value.code, captured.out) == (2, "")
+    assert captured.err == f"error: {line.format(out=out)}\n"  # one line, naming the flag
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+
+
+def test_python_m_bad_flag_is_one_line_not_absls_usage(tmp_path):
+    """The one subprocess check: `python -m` reaches the same parsing (no absl app.run)."""
+    out = tmp_path / "train.jsonl"
+    done = _run_cli("--num_safety=abc", f"--out={out}")
     assert (done.returncode, done.stdout) == (2, "")
-    assert done.stderr == "error: --triples=/missing.jsonl: no such file\n"
+    assert done.stderr == "error: --num_safety=abc: expected an integer\n"
     assert not out.exists()
+
+
+def test_help_prints_the_usage_and_the_flags(capsys):
+    with pytest.raises(SystemExit) as done:
+        mixture.main(["derta-mixture", "--help"])
+    assert done.value.code == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(mixture.__doc__.strip().splitlines()[0])
+    assert "--num_safety: Number of safety rows." in shown
 
 
 def test_every_path_flag_is_checked_before_anything_is_read(tmp_path):
@@ -235,7 +277,8 @@ def test_every_path_flag_is_checked_before_anything_is_read(tmp_path):
     out = str(tmp_path / "train.jsonl")
 
     def problem(**flags):
-        values = dict(triples=str(good), helpful=None, out=out) | flags
+        values = dict(triples=str(good), helpful=None, out=out, overwrite=False, recipe="derta",
+                      num_safety=6) | flags
         return mixture._flag_problem(types.SimpleNamespace(**values))
 
     assert problem() is None
@@ -244,6 +287,10 @@ def test_every_path_flag_is_checked_before_anything_is_read(tmp_path):
     assert problem(out=str(tmp_path)) == f"--out={tmp_path}: is a directory, not a file"
     assert problem(out="/no/dir/x.jsonl") == ("--out=/no/dir/x.jsonl: directory /no/dir does "
                                               "not exist")
+    assert problem(out=str(good)) == f"--out={good}: exists; pass --overwrite to replace it"
+    assert problem(out=str(good), overwrite=True) is None
+    assert problem(recipe="rto", num_safety=5).startswith("--num_safety=5: num_safety must be even")
+    assert problem(recipe="vanilla", num_safety=5) is None
 
 
 def test_tokenizer_flag_that_loads_nothing_is_one_line(tmp_path, small_tokenizer_dir):

@@ -109,14 +109,53 @@ def test_cli_exits_non_zero_on_the_first_malformed_row(tmp_path):
     assert wrong_format.stderr.strip() == f"{path}:1: instruction: missing (fields present: prefix, safe, text)"
 
 
-def test_cli_max_length_without_a_tokenizer_is_an_error(tmp_path):
+# every bad command line: (arguments, the one line on stderr); {file} is a good data file
+BAD_COMMAND_LINES = [
+    (["{file}", "--bogus"], "--bogus: unknown flag"),
+    (["{file}", "--max_lenght=64"], "--max_lenght: unknown flag (did you mean --max_length?)"),
+    (["{file}", "--max_length=abc"], "--max_length=abc: expected an integer"),
+    (["{file}", "--max_length=0"], "--max_length=0: 0 is not a positive integer"),
+    (["{file}", "--format=csv"], "--format=csv: value should be one of <reference|triples|helpful>"),
+    (["{file}", "--tokenizer"], "--tokenizer: no value (write --tokenizer=VALUE)"),
+    (["--format=reference"], "missing the FILE.jsonl argument (see --help)"),
+    (["{file}", "extra.jsonl"], "unexpected argument 'extra.jsonl' (flags are written --name=value)"),
+    (["{file}", "--max_length=64"], "--max_length needs --tokenizer (lengths are counted in tokens)"),
+    (["{file}", "--tokenizer=/no/tok"], "--tokenizer=/no/tok: no such directory"),
+    (["/missing.jsonl"], "/missing.jsonl: no such file"),
+]
+
+
+@pytest.mark.parametrize("args,line", BAD_COMMAND_LINES)
+def test_bad_command_lines_are_one_line_with_exit_status_2(tmp_path, capsys, args, line):
     path = _reference_file(tmp_path, ROWS)
-    done = _run(path, "--max_length=64")
-    assert done.returncode == 2
-    assert done.stderr.strip() == "error: --max_length needs --tokenizer (lengths are counted in tokens)"
+    with pytest.raises(SystemExit) as done:
+        validate.main(["derta-validate", *(a.format(file=path) for a in args)])
+    captured = capsys.readouterr()
+    assert (done.value.code, captured.out) == (2, "")
+    assert captured.err == f"error: {line}\n"  # one line, naming the flag or the file
+    assert os.listdir(tmp_path) == ["ref.jsonl"]  # nothing written
 
 
-def test_cli_missing_file_is_one_line_with_exit_status_2(tmp_path):
-    done = _run(str(tmp_path / "missing.jsonl"))
+def test_refusal_that_is_not_one_token_is_a_command_line_error(tmp_path, capsys, small_tokenizer_dir):
+    path = _reference_file(tmp_path, ROWS)
+    with pytest.raises(SystemExit) as done:
+        validate.main(["derta-validate", path, f"--tokenizer={small_tokenizer_dir}",
+                       "--refusal=Sorry, I cannot help"])
+    captured = capsys.readouterr()
+    assert (done.value.code, captured.out) == (2, "")
+    assert captured.err.startswith("error: --refusal=Sorry, I cannot help: refusal string ")
+    assert captured.err.count("\n") == 1
+
+
+def test_main_runs_in_process_and_again(tmp_path, capsys):
+    path = _reference_file(tmp_path, ROWS)
+    assert validate.main(["derta-validate", path]) == 0
+    assert validate.main(["derta-validate", path, "--format=reference"]) == 0  # fresh flags
+    assert capsys.readouterr().out.count("3 rows (format=reference)") == 2
+
+
+def test_python_m_missing_file_is_one_line_with_exit_status_2(tmp_path):
+    """The one subprocess check of a bad command line: `python -m` parses the same way."""
+    done = _run(str(tmp_path / "missing.jsonl"), "--on_error=skip")
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == f"error: {tmp_path / 'missing.jsonl'}: no such file\n"

@@ -248,6 +248,19 @@ def test_cli_error_names_the_field():
         "to 3, but there are 4 devices")
 
 
+@pytest.mark.parametrize("args, message", [
+        (("--config=configs/tiny.py", "--bogus=1"), "error: --bogus: unknown flag"),
+        (("--config=configs/tiny.py", "--config.loss.rto_keeprate=0.5"),
+         "error: --config.loss.rto_keeprate: no field 'rto_keeprate' in the config"),
+        ((), "error: --config: required, not given"),
+])
+def test_cli_bad_flags_are_one_line_with_status_2(args, message):
+    done = _cli(*args, "--nocompile")
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(message)
+    assert done.stdout == ""
+
+
 def test_cli_tpu_topology_compiles_for_the_slice_when_libtpu_is_installed():
     """--compile_on=auto (the default): the slice's own compiler with libtpu, else fake CPUs
     and a note saying what to install."""

@@ -24,6 +24,11 @@ are taken in a seeded order; when a recipe needs more triples than the file has,
 is repeated (a fresh permutation each pass) and the reuse is reported, never hidden.
 Output is the reference JSONL format, helpful rows first, then the safety rows in instance
 order (the loader shuffles); files of the reference repository and ours are interchangeable.
+
+Exit status: 2 for a command-line problem, one line `error: ...` naming the flag, before
+anything is read or written (an unknown flag or a bad value, no --out, an input that is not
+there, an --out that exists without --overwrite, a --num_safety the recipe cannot split, a
+template without its --tokenizer); 1 for bad data (`error: FILE:LINE: field: what is wrong`).
 """
 
 from __future__ import annotations
@@ -182,32 +187,47 @@ def write_reference_jsonl(examples: Sequence[Example], path: str, overwrite: boo
 
 
 def _define_flags():
+    """The command's flags: a fresh set per call (cli_flags.new_flag_values), so that main
+    runs more than once in a process."""
     from absl import flags
-    flags.DEFINE_string("triples", None, "Triples JSONL (question, safe_response, harmful_response).")
-    flags.DEFINE_string("helpful", None, "Helpful JSONL (instruction, output).")
-    flags.DEFINE_enum("recipe", "derta", list(RECIPES), "Which mixture to build.")
-    flags.DEFINE_integer("seed", 0, "Seed for every random choice.")
-    flags.DEFINE_string("out", None, "Output JSONL (reference format).")
-    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
-    flags.DEFINE_enum("template", "reference", ["reference", "chat", "plain"], "Prompt format.")
+
+    from derta_jax import cli_flags
+    v = cli_flags.new_flag_values()
+    flags.DEFINE_string("triples", None, "Triples JSONL (question, safe_response, harmful_response).",
+                        flag_values=v)
+    flags.DEFINE_string("helpful", None, "Helpful JSONL (instruction, output).", flag_values=v)
+    flags.DEFINE_enum("recipe", "derta", list(RECIPES), "Which mixture to build.", flag_values=v)
+    flags.DEFINE_integer("seed", 0, "Seed for every random choice.", flag_values=v)
+    flags.DEFINE_string("out", None, "Output JSONL (reference format); required.", flag_values=v)
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.", flag_values=v)
+    flags.DEFINE_enum("template", "reference", ["reference", "chat", "plain"], "Prompt format.",
+                      flag_values=v)
     flags.DEFINE_string("tokenizer", None, "Tokenizer directory (needed by chat and plain; "
-                        "gives reference its EOS, else the reference's <|end_of_text|>).")
-    flags.DEFINE_string("plain_prefix", "", "plain template: text before the question.")
-    flags.DEFINE_string("plain_suffix", "\n", "plain template: text after the question.")
-    flags.DEFINE_string("system", None, "chat template: optional system message.")
-    flags.DEFINE_integer("num_safety", DEFAULT_NUM_SAFETY, "Number of safety rows.")
-    flags.DEFINE_integer("num_helpful", None, "Number of helpful rows (default: all).")
-    flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Bad input rows: stop, or skip and report.")
+                        "gives reference its EOS, else the reference's <|end_of_text|>).",
+                        flag_values=v)
+    flags.DEFINE_string("plain_prefix", "", "plain template: text before the question.",
+                        flag_values=v)
+    flags.DEFINE_string("plain_suffix", "\n", "plain template: text after the question.",
+                        flag_values=v)
+    flags.DEFINE_string("system", None, "chat template: optional system message.", flag_values=v)
+    flags.DEFINE_integer("num_safety", DEFAULT_NUM_SAFETY, "Number of safety rows.",
+                         lower_bound=0, flag_values=v)
+    flags.DEFINE_integer("num_helpful", None, "Number of helpful rows (default: all).",
+                         lower_bound=0, flag_values=v)
+    flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
+                      "Bad input rows: stop, or skip and report.", flag_values=v)
     for field, default in dataclasses.asdict(formats.TripleFields()).items():
-        flags.DEFINE_string(f"{field}_field", default, f"Triples field holding the {field}.")
+        flags.DEFINE_string(f"{field}_field", default, f"Triples field holding the {field}.",
+                            flag_values=v)
     for field, default in dataclasses.asdict(formats.HelpfulFields()).items():
-        flags.DEFINE_string(f"{field}_field", default, f"Helpful field holding the {field}.")
-    flags.mark_flag_as_required("out")
+        flags.DEFINE_string(f"{field}_field", default, f"Helpful field holding the {field}.",
+                            flag_values=v)
+    return v
 
 
 def _flag_problem(FLAGS) -> str | None:
-    """The first input or output path on the command line that cannot be used, as
-    `--flag=PATH: what is wrong`; None when all can."""
+    """The first flag on the command line that cannot be used (an input or output path, a
+    --num_safety the recipe cannot split), as `--flag=VALUE: what is wrong`; None when all can."""
     for flag in ("triples", "helpful"):
         path = getattr(FLAGS, flag)
         problem = path and formats.input_file_problem(f"--{flag}={path}", path)
@@ -218,23 +238,35 @@ def _flag_problem(FLAGS) -> str | None:
     directory = os.path.dirname(os.path.abspath(FLAGS.out))
     if not os.path.isdir(directory):
         return f"--out={FLAGS.out}: directory {directory} does not exist"
+    if os.path.exists(FLAGS.out) and not FLAGS.overwrite:
+        return f"--out={FLAGS.out}: exists; pass --overwrite to replace it"
+    try:
+        recipe_counts(FLAGS.recipe, FLAGS.num_safety)
+    except ValueError as e:
+        return f"--num_safety={FLAGS.num_safety}: {e}"
     return None
 
 
-def _main(argv):
-    from absl import flags
-    del argv
-    FLAGS = flags.FLAGS
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command (argv: the program name first; sys.argv when None). A bad command line
+    exits (SystemExit) with status 2 and one line `error: ...`, nothing read or written; bad
+    data returns 1 with `error: FILE:LINE: field: ...`."""
+    from derta_jax import cli_flags
+    FLAGS = _define_flags()
+    cli_flags.parse(sys.argv if argv is None else argv, FLAGS, required=("out",), doc=__doc__)
     problem = _flag_problem(FLAGS)
-    tokenizer = None
+    tokenizer = template = None
     if problem is None and FLAGS.tokenizer:
         tokenizer, problem = formats.load_tokenizer_flag(FLAGS.tokenizer)
+    if problem is None:
+        try:
+            template = make_template(FLAGS.template, tokenizer, plain_prefix=FLAGS.plain_prefix,
+                                     plain_suffix=FLAGS.plain_suffix, system=FLAGS.system)
+        except ValueError as e:  # chat or plain without --tokenizer
+            problem = f"--template={FLAGS.template}: {e}"
     if problem is not None:  # the command line's to fix: exit status 2, nothing written
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        cli_flags.fail(problem)
     try:
-        template = make_template(FLAGS.template, tokenizer, plain_prefix=FLAGS.plain_prefix,
-                                 plain_suffix=FLAGS.plain_suffix, system=FLAGS.system)
         triple_fields = formats.TripleFields(**{f: getattr(FLAGS, f"{f}_field") for f in
                                                 dataclasses.asdict(formats.TripleFields())})
         helpful_fields = formats.HelpfulFields(**{f: getattr(FLAGS, f"{f}_field") for f in
@@ -249,7 +281,7 @@ def _main(argv):
                                 FLAGS.num_safety, FLAGS.num_helpful)
         write_reference_jsonl(mixture.examples, FLAGS.out, FLAGS.overwrite)
     except (formats.DataError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_flags.one_line(str(e))}", file=sys.stderr)
         return 1
     for note in mixture.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -262,9 +294,7 @@ def _main(argv):
 
 def cli() -> None:
     """The console-script entry point (pyproject [project.scripts]), = python -m."""
-    from absl import app
-    _define_flags()
-    app.run(lambda argv: sys.exit(_main(argv)))
+    sys.exit(main())
 
 
 if __name__ == "__main__":

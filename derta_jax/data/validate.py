@@ -13,9 +13,10 @@ prompt already; triples are checked as their refusal row (q -> r) and their RTO 
 (q -> r̂), helpful pairs as helpful rows, both in `--template`.
 
 Exit status: 1 on the first malformed row (printed as `FILE:LINE: field: what is wrong`)
-or any other error in the data; 2 for a command-line problem (a FILE or --tokenizer that
-does not exist, --max_length without --tokenizer); with `--on_error=skip` every bad row is
-printed and the status is 0.
+or any other error in the data; 2 for a command-line problem, one line `error: ...` naming
+the flag (an unknown flag or a bad value, FILE missing or not there, a --tokenizer that loads
+nothing, a --refusal that is not one token, --max_length without --tokenizer); with
+`--on_error=skip` every bad row is printed and the status is 0.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def _format_stats(name: str, stats: LengthStats) -> str:
 
 def validate_file(path: str, fmt: str, on_error: str = "raise", tokenizer: Any = None,
                   max_length: int | None = None, template_name: str = "reference",
-                  refusal: str = tokenize.DEFAULT_REFUSAL, out=sys.stdout) -> int:
-    """Prints the report; returns the exit status. Raises DataError/ValueError in raise mode."""
+                  refusal: str = tokenize.DEFAULT_REFUSAL, out=None) -> int:
+    """Prints the report (on `out`, sys.stdout when None); returns the exit status. Raises
+    DataError/ValueError in raise mode."""
+    out = sys.stdout if out is None else out
     result = formats.read_rows(path, fmt, on_error=on_error)
     for skipped in result.skipped:
         print(f"skipped {skipped}", file=out)
@@ -119,44 +122,62 @@ def validate_file(path: str, fmt: str, on_error: str = "raise", tokenizer: Any =
     return 0
 
 
-def _main(argv) -> int:
+def _define_flags():
+    """The command's flags: a fresh set per call (cli_flags.new_flag_values), so that main
+    runs more than once in a process."""
     from absl import flags
-    FLAGS = flags.FLAGS
-    if len(argv) != 2:
-        print("usage: python -m derta_jax.data.validate FILE.jsonl [--format=...]", file=sys.stderr)
-        return 2
+
+    from derta_jax import cli_flags
+    v = cli_flags.new_flag_values()
+    flags.DEFINE_enum("format", "reference", list(formats.FORMATS), "Row format of FILE.",
+                      flag_values=v)
+    flags.DEFINE_enum("on_error", "raise", ["raise", "skip"],
+                      "Stop at the first bad row, or skip and report each.", flag_values=v)
+    flags.DEFINE_string("tokenizer", None, "Tokenizer directory: adds token-length statistics.",
+                        flag_values=v)
+    flags.DEFINE_integer("max_length", None, "Training max length (counts truncations).",
+                         lower_bound=1, flag_values=v)
+    flags.DEFINE_enum("template", "reference", ["reference", "chat", "plain"],
+                      "Prompt format for triples/helpful files.", flag_values=v)
+    flags.DEFINE_string("refusal", tokenize.DEFAULT_REFUSAL, "Refusal string (must be one token).",
+                        flag_values=v)
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command (argv: the program name first; sys.argv when None). A bad command line
+    exits (SystemExit) with status 2 and one line `error: ...`; see the module docstring."""
+    from derta_jax import cli_flags
+    FLAGS = _define_flags()
+    path = cli_flags.parse(sys.argv if argv is None else argv, FLAGS, positional=("FILE.jsonl",),
+                           doc=__doc__)[1]
     if FLAGS.max_length is not None and not FLAGS.tokenizer:
-        print("error: --max_length needs --tokenizer (lengths are counted in tokens)", file=sys.stderr)
-        return 2
-    problem = formats.input_file_problem(argv[1], argv[1])
+        cli_flags.fail("--max_length needs --tokenizer (lengths are counted in tokens)")
+    problem = formats.input_file_problem(path, path)
     tokenizer = None
     if problem is None and FLAGS.tokenizer:
         tokenizer, problem = formats.load_tokenizer_flag(FLAGS.tokenizer)
+    if tokenizer is not None:
+        try:
+            tokenize.refusal_token_id(tokenizer, FLAGS.refusal)
+        except ValueError as e:
+            problem = f"--refusal={FLAGS.refusal}: {e}"
     if problem is not None:  # the command line's to fix
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        cli_flags.fail(problem)
     try:
-        return validate_file(argv[1], FLAGS.format, FLAGS.on_error, tokenizer, FLAGS.max_length,
+        return validate_file(path, FLAGS.format, FLAGS.on_error, tokenizer, FLAGS.max_length,
                              FLAGS.template, FLAGS.refusal)
     except formats.DataError as e:
-        print(str(e), file=sys.stderr)
+        print(cli_flags.one_line(str(e)), file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli_flags.one_line(str(e))}", file=sys.stderr)
         return 1
 
 
 def cli() -> None:
     """The console-script entry point (pyproject [project.scripts]), = python -m."""
-    from absl import app, flags
-    flags.DEFINE_enum("format", "reference", list(formats.FORMATS), "Row format of FILE.")
-    flags.DEFINE_enum("on_error", "raise", ["raise", "skip"], "Stop at the first bad row, or skip and report each.")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer directory: adds token-length statistics.")
-    flags.DEFINE_integer("max_length", None, "Training max length (counts truncations).")
-    flags.DEFINE_enum("template", "reference", ["reference", "chat", "plain"],
-                      "Prompt format for triples/helpful files.")
-    flags.DEFINE_string("refusal", tokenize.DEFAULT_REFUSAL, "Refusal string (must be one token).")
-    app.run(lambda argv: sys.exit(_main(argv)))
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -26,9 +26,17 @@ call c / items the labels call c (null when the denominator is 0).
 
 CLI: python -m derta_jax.eval.agreement --generations=OUT/generations.jsonl --labels=FILE
      [--judge=recorded|keyword|world ...] [--world=WORLD_DIR]
+     python -m derta_jax.eval.agreement --labelled=FILE [--track=tiny|smollm2]
+     [--judge=recorded|keyword|world ...] [--world=WORLD_DIR]
 `recorded` (the default) measures the verdicts stored in generations.jsonl; `keyword` and
 `world` judge the stored generations again (world needs --world), so several judges can be
 measured on the same generations. Output: JSON, one entry per judge.
+`--labelled` reads a labelled set (python -m derta_jax.eval.labelling merge: question,
+prefill, generation, label, the recorded verdict and the world's description on every line)
+instead of --generations and --labels; there `--judge=world` without --world regenerates
+each row's world in memory from its "world" description (derta_jax.data.synthetic.
+generate_world), so rows of several worlds and tracks are judged each by its own world;
+`--track` keeps only the rows of one track.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 # Private helpers of the row-format reader, reused so that every JSONL error in the project
 # reads the same way (FILE:LINE: field: what).
@@ -75,8 +83,9 @@ def _bool_field(source: str, obj: dict, name: str, required: bool = True) -> boo
     return value
 
 
-def _label(source: str, obj: dict) -> Label:
-    """One label row: outcome form, or the older harmful/refused form (module docstring)."""
+def parse_label(source: str, obj: dict) -> Label:
+    """One label row: outcome form, or the older harmful/refused form (module docstring);
+    DataError naming `source` (FILE:LINE) and the field. Other fields are ignored."""
     degenerate = _bool_field(source, obj, "degenerate", required=False)
     if "outcome" not in obj:
         return Label(harmful=_bool_field(source, obj, "harmful"),
@@ -108,7 +117,7 @@ def read_labels(path: str) -> dict[str, Label]:
         if item_id in labels:
             raise DataError(source, "id", f"{item_id!r} already labelled at "
                                           f"{labels[item_id].source}")
-        labels[item_id] = _label(source, obj)
+        labels[item_id] = parse_label(source, obj)
     return labels
 
 
@@ -121,7 +130,7 @@ class LabelsJudge:
     name: str = "labels"
 
     @classmethod
-    def from_file(cls, path: str) -> "LabelsJudge":
+    def from_file(cls, path: str) -> LabelsJudge:
         return cls(labels=read_labels(path), path=path)
 
     def __call__(self, question: str, prefill: str, generation: str, *,
@@ -258,13 +267,19 @@ def generation_rows(path: str) -> list[dict]:
 def verdicts_from_generations(path: str) -> dict[str, Verdict]:
     """id -> Verdict from an evaluation's generations.jsonl (rows written before outcomes
     existed get theirs derived: harmful, else refused, else neither)."""
-    verdicts: dict[str, Verdict] = {}
-    for row in generation_rows(path):
-        try:
-            verdicts[row["id"]] = Verdict(**row["verdict"])
-        except (TypeError, ValueError) as e:
-            raise DataError(row["source"], "verdict", f"not a judge verdict: {e}") from None
-    return verdicts
+    return {row["id"]: recorded_verdict(row) for row in generation_rows(path)}
+
+
+def recorded_verdict(row: Mapping) -> Verdict:
+    """The Verdict stored in a row's "verdict"; DataError naming the row's "source"."""
+    stored = row.get("verdict")
+    if not isinstance(stored, dict):
+        raise DataError(row.get("source", "?"), "verdict", f"expected a recorded judge verdict "
+                                                           f"(an object), got {stored!r}")
+    try:
+        return Verdict(**stored)
+    except (TypeError, ValueError) as e:
+        raise DataError(row.get("source", "?"), "verdict", f"not a judge verdict: {e}") from None
 
 
 def rejudged(rows: Sequence[Mapping], judge) -> dict[str, Verdict]:
@@ -290,35 +305,87 @@ def judge_agreement(verdicts: Mapping[str, Verdict], labels: Mapping[str, Label]
     return result
 
 
+def labelled_agreement(path: str, judges: Sequence[str], world: str | None = None,
+                       track: str | None = None) -> dict:
+    """judge name -> judge_agreement on a labelled set (derta_jax/eval/labelling.py); world
+    judged with the world directory `world`, else each row's world regenerated in memory."""
+    from derta_jax.eval.judges import make_judge
+    from derta_jax.eval.labelling import read_labelled, world_judges
+
+    rows = read_labelled(path)
+    if track is not None:
+        tracks = sorted({row["track"] for row in rows})
+        rows = [row for row in rows if row["track"] == track]
+        if not rows:
+            raise ValueError(f"{path}: no item of track {track!r} (tracks: {', '.join(tracks)})")
+    labels = {row["id"]: row["label"] for row in rows}
+    result = {}
+    for name in judges:
+        if name == "recorded":
+            verdicts = {row["id"]: recorded_verdict(row) for row in rows}
+        elif name == "keyword":
+            verdicts = rejudged(rows, make_judge("keyword"))
+        else:
+            if world:
+                shared = make_judge("world", directory=world)
+                by_row = {row["source"]: shared for row in rows}
+            else:
+                by_row = world_judges(rows)
+            verdicts = {}
+            for row in rows:
+                try:
+                    verdicts[row["id"]] = by_row[row["source"]](
+                            row["question"], row["prefill"], row["generation"], item_id=row["id"])
+                except ValueError as e:
+                    raise DataError(row["source"], "question", str(e)) from None
+        result[name] = judge_agreement(verdicts, labels)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m derta_jax.eval.agreement --generations=OUT/generations.jsonl --labels=FILE"""
+    """python -m derta_jax.eval.agreement (--generations=OUT/generations.jsonl --labels=FILE
+    | --labelled=FILE)"""
     import argparse
     import json
     import sys
 
     parser = argparse.ArgumentParser(prog="python -m derta_jax.eval.agreement",
                                      description="Judges' agreement with human labels.")
-    parser.add_argument("--generations", required=True, help="generations.jsonl of an evaluation")
-    parser.add_argument("--labels", required=True, help="JSONL: id, outcome (or harmful and refused)")
+    parser.add_argument("--generations", help="generations.jsonl of an evaluation")
+    parser.add_argument("--labels", help="JSONL: id, outcome (or harmful and refused)")
+    parser.add_argument("--labelled", help="a labelled set (python -m derta_jax.eval.labelling "
+                                           "merge), instead of --generations and --labels")
+    parser.add_argument("--track", help="--labelled only: measure the items of this track only")
     parser.add_argument("--judge", action="append", choices=AGREEMENT_JUDGES,
                         help="recorded (the stored verdicts; default), keyword, world (repeat)")
-    parser.add_argument("--world", help="synthetic world directory (--judge=world)")
+    parser.add_argument("--world", help="synthetic world directory (--judge=world; with "
+                                        "--labelled, default: each row's world regenerated)")
     args = parser.parse_args(argv)
     judges = list(dict.fromkeys(args.judge or ["recorded"]))
     try:
-        if "world" in judges and not args.world:
-            raise ValueError("--judge=world needs --world=WORLD_DIR")
-        labels = read_labels(args.labels)
-        rows = generation_rows(args.generations)
-        result = {}
-        for name in judges:
-            if name == "recorded":
-                verdicts = verdicts_from_generations(args.generations)
-            else:
-                from derta_jax.eval.judges import make_judge
-                options = {"directory": args.world} if name == "world" else {}
-                verdicts = rejudged(rows, make_judge(name, **options))
-            result[name] = judge_agreement(verdicts, labels)
+        if args.labelled:
+            if args.generations or args.labels:
+                raise ValueError("--labelled replaces --generations and --labels; give one or "
+                                 "the other")
+            result = labelled_agreement(args.labelled, judges, args.world, args.track)
+        else:
+            if not (args.generations and args.labels):
+                raise ValueError("needs --generations=FILE and --labels=FILE, or --labelled=FILE")
+            if args.track:
+                raise ValueError("--track needs --labelled=FILE")
+            if "world" in judges and not args.world:
+                raise ValueError("--judge=world needs --world=WORLD_DIR")
+            labels = read_labels(args.labels)
+            rows = generation_rows(args.generations)
+            result = {}
+            for name in judges:
+                if name == "recorded":
+                    verdicts = verdicts_from_generations(args.generations)
+                else:
+                    from derta_jax.eval.judges import make_judge
+                    options = {"directory": args.world} if name == "world" else {}
+                    verdicts = rejudged(rows, make_judge(name, **options))
+                result[name] = judge_agreement(verdicts, labels)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,16 +7,17 @@ started again with the same command.
 import logging
 import sys
 
-from absl import app, flags
+from absl import app
 from ml_collections import config_flags
+
+from derta_jax import cli_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A recipe file in configs/.",
                                           lock_config=True)
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # _parse_flags allows no positional arguments
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
@@ -50,47 +51,9 @@ def main(argv):
     print(f"export       python -m derta_jax.export --workdir={summary['workdir']} --out=HF_DIR")
 
 
-def _unknown_field(err: Exception, argv: list) -> str | None:
-    """`--config.a.b: no field 'b'; did you mean ...` for the error ml_collections raises
-    (AttributeError or KeyError, its "did you mean" suggestion inside) when an override names
-    no field of the config; None when the error names no override of argv."""
-    while err.args and isinstance(err.args[0], BaseException):  # AttributeError(KeyError(..))
-        err = err.args[0]
-    text = str(err.args[0]) if err.args else ""
-    key, _, hint = text.partition("\n")
-    key = key.strip("'\"")
-    for arg in argv[1:]:
-        name = arg.split("=", 1)[0].lstrip("-")
-        if name.startswith("config.") and key in name.split(".")[1:]:
-            hint = hint.strip()
-            return (f"--{name}: no field {key!r} in the config"
-                    + (f"; {hint[:1].lower()}{hint[1:]}" if hint else ""))
-    return None
-
-
-def _parse_flags(argv: list) -> list:
-    """absl's flag parsing, with a bad flag or --config override as one line `error: ...` and
-    exit status 2 (absl would print its usage and exit 1; ml_collections a traceback)."""
-    try:
-        rest = flags.FLAGS(argv)
-        _CONFIG.value.keys()  # a recipe file that failed to load raises on first use: now
-        return rest
-    except flags.Error as err:
-        message = str(err)
-    except OSError as err:  # ml_collections: "Failed loading config file ...[Errno 2] ..."
-        message = f"--config: {str(err).strip().splitlines()[-1].strip()}"
-    except (AttributeError, KeyError) as err:
-        message = _unknown_field(err, argv)
-        if message is None:
-            raise
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def cli() -> None:
     """The console-script entry point (pyproject [project.scripts]), = python -m."""
-    flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli_flags.config_parser(_CONFIG))
 
 
 if __name__ == "__main__":
