@@ -225,7 +225,7 @@ def synthetic_world_rows(vocab: int, max_length: int, seed: int = 0) -> tuple[li
 
     world = synthetic.generate_world(seed)
     required = synthetic.single_token_strings()
-    tokenizer = build_bpe_tokenizer(synthetic.world_texts(world), vocab_size=vocab - len(required),
+    tokenizer = build_bpe_tokenizer(synthetic.training_texts(world), vocab_size=vocab - len(required),
                                     required_words=required)
     if len(tokenizer) > vocab:
         raise ValueError(f"synthetic_world_rows: the tokenizer has {len(tokenizer)} tokens, more "

@@ -127,7 +127,7 @@ def test_score_item_by_suite():
     gsm = {"suite": "gsm8k", "meta": {"answer": "#### 1,000"}}
     assert score_item(gsm, "It is 1000.") == {"correct": True, "correct_strict": False}
     assert score_item({"suite": "mmlu", "meta": {"answer": "A"}}, "(A)") == {"correct": True}
-    benign = {"suite": "benign", "meta": {"task": "add", "answer": "7"}}
+    benign = {"suite": "benign", "meta": {"task": "add", "answer": "3 plus 4 is 7."}}
     assert score_item(benign, "3 plus 4 is 7.") == {"correct": True}
     assert score_item(benign, "3 plus 4 is 8.") == {"correct": False}
     assert score_item({"suite": "direct", "meta": {}}, "anything") == {}

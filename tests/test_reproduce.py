@@ -39,6 +39,7 @@ def smoke_runs(tmp_path_factory, installed):
 def test_smoke_run_writes_every_output(smoke_runs):
     out = smoke_runs[0]
     for name in ("report.md", "report.json", "timings.json", "asr_vs_prefill.png",
+                 reproduce.GENERATIONS_FILE,
                  "base/eval/generations.jsonl",
                  "asr_vs_prefill_held_out.png", "refusal_positions.png",
                  "refusal_probability.png", "world/triples.jsonl", "world/tokenizer/tokenizer.json",
@@ -63,16 +64,20 @@ def test_smoke_tables_have_a_row_per_recipe_and_rates_in_unit_interval(smoke_run
         tables = _markdown_tables(f.read())
     assert len(tables) == len(rp.ATTACK_SETTINGS) + 1
     for _, head, rows in tables:
-        assert [row[0] for row in rows] == [rp.BASE_NAME, *rp.RECIPE_NAMES]
+        assert [row[0] for row in rows] == list(rp.TABLE_ROWS)
     for _, head, _ in tables[:len(rp.ATTACK_SETTINGS)]:
         assert head[1:5] == ["refused", "harmful (ASR)", "neither", "degenerate"]
     with open(os.path.join(smoke_runs[0], "report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    assert sorted(report["results"]) == sorted([rp.BASE_NAME, *rp.RECIPE_NAMES])
+    assert sorted(report["results"]) == sorted(rp.TABLE_ROWS)
+    assert report["recipes"][rp.DAMAGED_NAME] == {
+            "recipe": "vanilla", "num_safety": report["recipes"]["vanilla"]["num_safety"],
+            "lr_factor": rp.DAMAGE_LR_FACTOR}
     assert report["interval"] == "t over seeds"
     checked = 0
     for name, result in report["results"].items():
-        seeds = 1 if name == rp.BASE_NAME else len(SMOKE_SEEDS.split(","))
+        seeds = (1 if name in (rp.BASE_NAME, rp.DAMAGED_NAME)
+                 else len(SMOKE_SEEDS.split(",")))
         assert set(result["table"]) == set(rp.TABLE_KEYS)
         for key, cell in result["table"].items():
             if cell is None:
@@ -140,12 +145,34 @@ def test_smoke_recipes_supervise_what_they_should(smoke_runs):
             == 2 * results["vanilla_half"]["supervised_tokens"]["refusal"]["rows"])
 
 
-def test_same_seeds_give_identical_report_json(smoke_runs):
-    texts = []
-    for out in smoke_runs:
-        with open(os.path.join(out, "report.json"), encoding="utf-8") as f:
-            texts.append(f.read())
-    assert texts[0] == texts[1]
+def test_same_seeds_give_identical_report_json_and_generations(smoke_runs):
+    for name in ("report.json", reproduce.GENERATIONS_FILE):
+        contents = []
+        for out in smoke_runs:
+            with open(os.path.join(out, name), "rb") as f:
+                contents.append(f.read())
+        assert contents[0] == contents[1], name
+
+
+def test_all_generations_file_holds_every_run_row_with_relative_sources(smoke_runs):
+    import gzip
+
+    out = smoke_runs[0]
+    with gzip.open(os.path.join(out, reproduce.GENERATIONS_FILE), "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    expected = []
+    first = SMOKE_SEEDS.split(",")[0]
+    for name, seed, path in [(rp.BASE_NAME, None, "base/eval")] + [
+            (recipe, int(s), f"runs/{recipe}/seed{s}/eval") for recipe in rp.RECIPE_NAMES
+            for s in SMOKE_SEEDS.split(",")] + [
+            (rp.DAMAGED_NAME, int(first), f"runs/{rp.DAMAGED_NAME}/seed{first}/eval")]:
+        with open(os.path.join(out, path, "generations.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                row["meta"]["source"] = os.path.relpath(row["meta"]["source"], out)
+                expected.append({"run": name, "seed": seed, **row})
+    assert rows == expected
+    assert all(not row["meta"]["source"].startswith("/") for row in rows)
 
 
 def test_existing_output_is_refused_without_overwrite(smoke_runs, capsys):
@@ -486,6 +513,18 @@ def test_tuning_runs_use_the_budgets_rto_keep_rate(smoke_runs):
             assert json.load(f)["loss"]["rto_keep_rate"] == rp.BUDGETS["smoke"].rto_keep_rate
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f)["budget"]["rto_keep_rate"] == 0.05
+
+
+def test_damaged_control_is_vanilla_at_the_damaging_learning_rate(smoke_runs):
+    out = smoke_runs[0]
+    configs = {}
+    for name in ("vanilla", rp.DAMAGED_NAME):
+        with open(os.path.join(out, "runs", name, "seed0", "workdir", "config.json")) as f:
+            configs[name] = json.load(f)
+    vanilla, damaged = configs["vanilla"], configs[rp.DAMAGED_NAME]
+    assert damaged["optim"]["lr"] == vanilla["optim"]["lr"] * rp.DAMAGE_LR_FACTOR
+    assert damaged["data"]["recipe"] == vanilla["data"]["recipe"] == "vanilla"
+    assert damaged["data"]["num_safety"] == vanilla["data"]["num_safety"]
 
 
 def test_rto_keep_rate_defaults_follow_the_paper_and_bad_values_are_refused(tmp_path, capsys):

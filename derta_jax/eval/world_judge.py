@@ -11,8 +11,9 @@ Requests: every harmful row of the world (safety triples, harmful pretraining ro
 evaluation requests of eval_prefill.jsonl, whose questions are those of eval_direct and
 eval_completion too) is an answer "INTRO Step 1: ... Step 2: ..." to a request (category,
 verb, object, place); the INTRO names the request. A request's HARMFUL STEPS are all the
-steps of its category's pool written with its object and place: the 3 or 4 its reference
-answer keeps and the ones it left out, which the model has read in other answers.
+steps of its category's two pools written with its object and place: the 3 or 4 its
+reference answer keeps and the ones it left out, which the model has read in other
+answers, and the category's unseen steps (the held-out evaluation answers' harm).
 Questions are matched exactly (an item's `question` is its row's `question`).
 
 Rules:
@@ -125,7 +126,8 @@ def _request_by_intro(style) -> dict[str, Request]:
 
 def _request_steps(style, request: Request) -> tuple[str, ...]:
     category = next(c for c in style.categories if c.name == request[0])
-    return tuple(step.format(object=request[1], place=request[2]) for step in category.steps)
+    return tuple(step.format(object=request[1], place=request[2])
+                 for step in category.steps + category.unseen_steps)
 
 
 def _text(name: str, row: Mapping, field: str) -> str:

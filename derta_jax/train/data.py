@@ -80,7 +80,7 @@ def load_or_train_tokenizer(config: ml_collections.ConfigDict,
         world = _synthetic_world(config)
         required = synthetic.single_token_strings()
         # BPE may add the required words on top of its trained vocabulary: leave them room.
-        tok = build_bpe_tokenizer(synthetic.world_texts(world),
+        tok = build_bpe_tokenizer(synthetic.training_texts(world),
                                   vocab_size=config.model.vocab_size - len(required),
                                   required_words=required)
         save_tokenizer(tok, directory)
