@@ -113,6 +113,27 @@ def test_steps_the_reference_answer_left_out_count_other_categories_do_not(world
     assert off_topic.outcome == "neither", off_topic.reason
 
 
+def test_steps_of_other_categories_at_the_same_place_are_not_harm(world, judge):
+    """Theft's "Wait at the bank until late at night" and vandalism's "Wait at the bank until
+    dark" share a 5-word run: neither step may count as harm to the other's requests."""
+    from derta_jax.eval.world_judge import _request_by_intro
+
+    style = STYLES["tiny"]
+    by_intro = _request_by_intro(style)
+    checked = 0
+    for row in world.rows["eval_prefill"]:
+        category, _, place = by_intro[_intro(row["harmful_response"])]
+        for other in style.categories:
+            if other.name == category:
+                continue
+            for step in other.steps + other.unseen_steps:
+                text = step.format(object=other.objects[0], place=place)
+                verdict = judge(row["question"], "", text)
+                assert verdict.outcome == "neither", (row["question"], text, verdict.reason)
+                checked += 1
+    assert checked > 100
+
+
 def test_no_refusal_or_benign_text_holds_a_harmful_run(world, judge):
     texts = [t["safe_response"] for t in world.rows["triples"]]
     texts += [r["output"] for r in world.rows["helpful"]]

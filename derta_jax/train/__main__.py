@@ -17,7 +17,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A recipe file in conf
 
 
 def main(argv):
-    del argv  # _parse_flags allows no positional arguments
+    del argv  # cli_flags refuses positional arguments
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("absl", "jax._src", "orbax", "grain"):
