@@ -32,11 +32,12 @@ CLI: python -m derta_jax.eval.agreement --generations=OUT/generations.jsonl --la
 `world` judge the stored generations again (world needs --world), so several judges can be
 measured on the same generations. Output: JSON, one entry per judge.
 `--labelled` reads a labelled set (python -m derta_jax.eval.labelling merge: question,
-prefill, generation, label, the recorded verdict and the world's description on every line)
-instead of --generations and --labels; there `--judge=world` without --world regenerates
-each row's world in memory from its "world" description (derta_jax.data.synthetic.
-generate_world), so rows of several worlds and tracks are judged each by its own world;
-`--track` keeps only the rows of one track.
+prefill, generation, label, the recorded verdict, the world's style and, for a harmful
+request, the world's reference harmful answer on every line) instead of --generations and
+--labels; there `--judge=world` without --world builds the world judge from the set's own
+rows (derta_jax.eval.labelling.world_judges: one judge per style, no world regenerated), so
+rows of several worlds and tracks are judged each by its own style; `--world=DIR` judges
+every row with that world directory instead. `--track` keeps only the rows of one track.
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def judge_agreement(verdicts: Mapping[str, Verdict], labels: Mapping[str, Label]
 def labelled_agreement(path: str, judges: Sequence[str], world: str | None = None,
                        track: str | None = None) -> dict:
     """judge name -> judge_agreement on a labelled set (derta_jax/eval/labelling.py); world
-    judged with the world directory `world`, else each row's world regenerated in memory."""
+    judged with the world directory `world`, else with judges built from the set's rows."""
     from derta_jax.eval.judges import make_judge
     from derta_jax.eval.labelling import read_labelled, world_judges
 
@@ -359,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--judge", action="append", choices=AGREEMENT_JUDGES,
                         help="recorded (the stored verdicts; default), keyword, world (repeat)")
     parser.add_argument("--world", help="synthetic world directory (--judge=world; with "
-                                        "--labelled, default: each row's world regenerated)")
+                                        "--labelled, default: built from the set's own rows)")
     args = parser.parse_args(argv)
     judges = list(dict.fromkeys(args.judge or ["recorded"]))
     try:
