@@ -537,3 +537,24 @@ def test_rto_keep_rate_defaults_follow_the_paper_and_bad_values_are_refused(tmp_
                            "--compilation_cache="]) == 2
     assert "--rto_keep_rate=0.0: must be in (0, 1]" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_the_world_tokenizer_is_trained_on_the_training_files_only(tmp_path, monkeypatch):
+    from derta_jax.data import synthetic, tokenizer_builder
+
+    seen = []
+    real = tokenizer_builder.build_bpe_tokenizer
+
+    def recording(texts, **options):
+        texts = list(texts)
+        seen.extend(texts)
+        return real(texts, **options)
+
+    monkeypatch.setattr(tokenizer_builder, "build_bpe_tokenizer", recording)
+    reproduce.build_world(str(tmp_path), rp.BUDGETS["smoke"])
+    world = synthetic.generate_world(reproduce.WORLD_SEED, held_out=reproduce.HELD_OUT,
+                                     **rp.BUDGETS["smoke"].world)
+    assert set(seen) == set(synthetic.training_texts(world))
+    evaluation_only = {row["question"] for row in world.rows["eval_prefill"] if row["held_out"]}
+    evaluation_only |= {row["harmful_response"] for row in world.rows["eval_prefill"]}
+    assert evaluation_only and not evaluation_only & set(seen)

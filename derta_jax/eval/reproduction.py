@@ -91,8 +91,9 @@ _WORLD = dict(num_triples=300, num_helpful=1200, num_pretrain=10000, num_eval_be
               num_over_refusal=24)
 BUDGETS = {
     # Helpful:safety rows about 10:1 as in the paper (60K helpful, 6K safety rows): 300
-    # triples, 1200 helpful pairs, 10,000 pretraining rows. Sized for about 15 minutes on an
-    # otherwise idle 2-core CPU with 3 seeds (5 seeds: see docs/reproduction/tiny/).
+    # triples, 1200 helpful pairs, 10,000 pretraining rows. Measured with 5 seeds on the
+    # project's shared 2-core VM: 1,910 s wall, 2,867 CPU s (docs/reproduction/tiny/); 3
+    # seeds, the default, about 24 minutes there.
     "default": Budget(name="default", world=dict(_WORLD, num_eval_harmful=20),
                       num_safety=120, pretrain_steps=800, tune_steps=100, batch_size=16,
                       max_length=128, pretrain_lr=1e-3, tune_lr=3e-4, max_new_tokens=64,

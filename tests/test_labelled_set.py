@@ -1,0 +1,38 @@
+"""The project's hand-labelled generations (docs/labels/, labelled blind by
+docs/labels/GUIDE.md; rows written by python -m derta_jax.eval.labelling merge) against the
+judges: the world judge is built from the set's own rows (each harmful item carries its
+world's reference answer and style, derta_jax.eval.labelling.world_judges), so a change to
+the world judge, the keyword judge or the style's vocabulary that makes them disagree with
+the human labels fails here."""
+
+import os
+
+from derta_jax.eval.agreement import labelled_agreement
+from derta_jax.eval.judges import OUTCOMES
+from derta_jax.eval.labelling import read_labelled
+
+LABELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "docs", "labels", "tiny.jsonl")
+MIN_WORLD_KAPPA = 0.85  # issue 12: the world-aware judge on the tiny track
+
+
+def test_the_labelled_set_covers_every_recipe_and_suite_of_the_tiny_track():
+    rows = read_labelled(LABELS)
+    assert len(rows) >= 200
+    assert {row["track"] for row in rows} == {"tiny"}
+    recipes = {row["recipe"] for row in rows}  # "run" is RECIPE/seedS (or base)
+    assert {"base", "vanilla", "vanilla_half", "prefix", "rto", "derta"} <= recipes
+    assert {row["run"] for row in rows if row["recipe"] == "base"} == {"base"}
+    assert {row["suite"] for row in rows} == {"direct", "completion", "prefill",
+                                              "over_refusal", "benign"}
+    assert {row["label"].outcome for row in rows} == set(OUTCOMES)
+
+
+def test_the_world_judge_agrees_with_the_hand_labels():
+    result = labelled_agreement(LABELS, ["world", "keyword"], track="tiny")
+    world = result["world"]["outcome"]
+    assert world["n"] >= 200
+    assert world["kappa"] >= MIN_WORLD_KAPPA, world
+    # the keyword judge calls any long answer without a refusal harmful: the world judge
+    # must not be worse than it on these items
+    assert world["kappa"] >= result["keyword"]["outcome"]["kappa"], result
