@@ -52,6 +52,16 @@ def check_output_dir(directory: PathLike, overwrite: bool) -> None:
                               f"into it")
 
 
+def check_output_file(path: PathLike, overwrite: bool) -> None:
+    """The same rule for a command whose output is one file: a directory is refused, and so
+    is an existing file unless `overwrite` (`--overwrite`)."""
+    target = resolve(path)
+    if target.is_dir():
+        raise FileExistsError(f"{target} is a directory; the output is a file")
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+
+
 def prepare_output_dir(directory: PathLike, overwrite: bool,
                        replaces: Iterable[str] = ()) -> epath.Path:
     """`check_output_dir`, then the directory created; when it is overwritten, the names in

@@ -18,6 +18,7 @@ import pytest
 
 from derta_jax.data import formats, synthetic
 from derta_jax.data.synthetic_vocab import PLAIN_ENGLISH, REFUSAL_WORD, STYLES, TINY
+from derta_jax.eval.judges import find_refusal
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(num_triples=60, num_helpful=100, num_pretrain=300, num_eval_harmful=5,
@@ -240,7 +241,7 @@ def test_refusal_is_a_full_sentence_whose_first_word_is_not_the_rto_word(style):
 ])
 def test_coherent_refusal_needs_the_whole_refusal_sentence(style, generation, expected):
     assert synthetic.is_coherent_refusal(generation, style) is expected
-    assert synthetic.looks_refused(generation)
+    assert find_refusal(generation).start_char is not None  # the judges' refusal rule
 
 
 def test_every_generated_refusal_is_coherent_and_every_harmful_answer_is_not():
@@ -249,9 +250,10 @@ def test_every_generated_refusal_is_coherent_and_every_harmful_answer_is_not():
         for row in world.rows["triples"]:
             assert synthetic.is_coherent_refusal(row["safe_response"], style)
             assert not synthetic.is_coherent_refusal(row["harmful_response"], style)
-            assert not synthetic.looks_refused(row["harmful_response"])
+            assert find_refusal(row["harmful_response"]).start_char is None
         outputs = [r["output"] for r in world.rows["helpful"] + world.rows["pretrain"]]
-        assert not [o for o in outputs if synthetic.looks_refused(o)]  # refusals only in triples
+        # refusals only in triples: a correct benign answer is never read as a refusal
+        assert not [o for o in outputs if find_refusal(o).start_char is not None]
 
 
 # ------------------------------------------------------------------ benign side
@@ -430,7 +432,7 @@ def test_cli_writes_refuses_to_overwrite_and_overwrites_when_asked(tmp_path, cap
     before = open(os.path.join(out, "pretrain.jsonl"), "rb").read()
     assert synthetic.main(argv[:1] + ["--seed=3"] + argv[2:]) == 2
     assert capsys.readouterr().err == (
-            f"error: {os.path.join(out, 'triples.jsonl')} already exists; "
+            f"error: {os.path.join(out, 'triples.jsonl')} exists; "
             f"pass --overwrite to replace it\n")
     assert open(os.path.join(out, "pretrain.jsonl"), "rb").read() == before
     assert synthetic.main(argv[:1] + ["--seed=3"] + argv[2:] + ["--overwrite"]) == 0

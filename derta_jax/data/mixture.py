@@ -42,6 +42,7 @@ import tempfile
 from typing import Sequence
 
 from derta_jax.data import formats
+from derta_jax.paths import check_output_file
 from derta_jax.data.templates import Example, Template, make_example, make_template
 
 RECIPES = ("sft", "vanilla", "prefix", "rto", "derta", "recaug")
@@ -171,8 +172,7 @@ def example_to_reference_row(example: Example) -> formats.ReferenceRow:
 def write_reference_jsonl(examples: Sequence[Example], path: str, overwrite: bool = False,
                           fields: formats.ReferenceFields = formats.ReferenceFields()) -> None:
     """Writes the reference format atomically; refuses to replace a file unless `overwrite`."""
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    check_output_file(path, overwrite)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".mixture-", suffix=".tmp", dir=directory)
     try:

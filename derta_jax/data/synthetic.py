@@ -441,12 +441,6 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
-def looks_refused(generation: str) -> bool:
-    """True if the text holds a refusal of either style (the word "sorry" or "cannot/can't help")."""
-    lower = generation.lower()
-    return "sorry" in lower or "cannot help" in lower or "can't help" in lower
-
-
 def is_coherent_refusal(generation: str, style: str = "tiny") -> bool:
     """True if the whole refusal sentence of `style` is there, not just the refusal word.
 
@@ -494,11 +488,10 @@ def write_world(out_dir: str, seed: int = 0, *, style: str = "tiny",
 
     Refuses (FileExistsError naming the file) to replace an existing file unless `overwrite`.
     """
-    paths = [os.path.join(out_dir, name) for name in WORLD_FILES]
-    if not overwrite:
-        for path in paths:
-            if os.path.exists(path):
-                raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+    from derta_jax.paths import check_output_file
+
+    for name in WORLD_FILES:
+        check_output_file(os.path.join(out_dir, name), overwrite)
     world = generate_world(seed, style=style, held_out=held_out, **sizes)
     os.makedirs(out_dir, exist_ok=True)
     for name, rows in world.rows.items():

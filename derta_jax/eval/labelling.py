@@ -95,6 +95,7 @@ from typing import Any
 from derta_jax.data.formats import DataError, decoded_lines, parse_object
 from derta_jax.eval.agreement import Label, generation_rows, parse_label
 from derta_jax.eval.report import BENIGN_SUITES
+from derta_jax.paths import check_output_dir, check_output_file, prepare_output_dir
 
 BLIND_FIELDS = ("id", "suite", "k", "question", "prefill", "generation")
 KEY_FIELDS = ("id", "reproduction", "track", "budget", "run", "recipe", "seed", "row_id",
@@ -409,7 +410,6 @@ def _jsonl(rows: Sequence[Mapping]) -> str:
 
 def write_sample(out: str, blind: Sequence[Mapping], keys: Sequence[Mapping],
                  overwrite: bool = False) -> None:
-    from derta_jax.paths import prepare_output_dir
 
     path = prepare_output_dir(out, overwrite, replaces=SAMPLE_OUTPUTS)
     (path / "blind.jsonl").write_text(_jsonl(blind), encoding="utf-8")
@@ -565,10 +565,7 @@ def merge(blind_path: str, key_path: str, labels_path: str) -> list[dict]:
 
 
 def write_labelled(path: str, rows: Sequence[Mapping], overwrite: bool = False) -> None:
-    if os.path.isdir(path):
-        raise FileExistsError(f"{path} is a directory; --out names the labelled set's file")
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    check_output_file(path, overwrite)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     temporary = f"{path}.tmp"
@@ -683,7 +680,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "sample":
-            from derta_jax.paths import check_output_dir
 
             check_output_dir(args.out, args.overwrite)  # before reading anything
             blind, keys = sample(args.reproduction, args.n, args.seed, args.name)
