@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import sys
 from typing import Any, Optional
@@ -79,14 +78,6 @@ def plan_device_count(config: Any, topology_devices: int, devices: int) -> int:
     return math.prod(max(int(config.mesh[a]), 1) for a in MESH_AXES)
 
 
-def set_fake_cpu_devices(count: int) -> None:
-    """Before JAX starts: ask XLA's CPU client for `count` devices (replacing any count set)."""
-    flag = f"--xla_force_host_platform_device_count={count}"
-    current = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                     os.environ.get("XLA_FLAGS", "")).strip()
-    os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
-
-
 def compile_target(choice: str, topology: Optional[Any]) -> tuple:
     """(--compile_on resolved to 'tpu' or 'cpu', notes for the user)."""
     from derta_jax.train.topology import libtpu_requirement, libtpu_version
@@ -106,15 +97,6 @@ def compile_target(choice: str, topology: Optional[Any]) -> tuple:
                      f"pip install '{libtpu_requirement()}' compiles it for the real "
                      f"{topology.tpu_topology} slice (no TPU needed)")
     return "cpu", notes
-
-
-def use_cpu_backend_only() -> None:
-    """Before JAX starts: the planner never runs on an accelerator (TPU compile-only devices
-    come from libtpu directly), so it must not take a GPU's memory or a TPU VM's chips, which
-    a trainer may be using (and which, on one worker of a pod slice, would wait for the rest)."""
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
 
 
 def _has_data_source(config: Any) -> bool:
@@ -287,8 +269,9 @@ def main(argv):
         count = plan_device_count(config, topology.num_devices if topology else 0, _DEVICES.value)
         if count < 1:
             raise PlanError(f"--devices={count}: must be >= 1")
-        set_fake_cpu_devices(count)  # JAX is not started yet: the helpers import it lazily
-        use_cpu_backend_only()
+        from derta_jax.train.mesh import use_host_cpu_devices
+
+        use_host_cpu_devices(count)  # JAX's backends are not started yet
         plan = make_plan(config, count, topology, compile_step=_COMPILE.value,
                          compile_on=_COMPILE_ON.value, mfu=_MFU.value)
         if not (_DEVICES.value or topology) and -1 in [int(config.mesh[a]) for a in MESH_AXES]:

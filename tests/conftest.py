@@ -2,14 +2,25 @@
 
 Eight fake CPU devices are visible to every test (set before jax is imported), so mesh
 and sharding tests run on a laptop. Fixtures live in one file per area, listed below.
+
+One persistent XLA compilation cache serves the whole session (the pytest-xdist workers and
+the subprocesses tests start inherit it): many tests train or decode the same small models,
+and compiling is most of their time. It lives in a fresh temporary directory, so every
+session starts cold, as CI does; a test that needs its own cache sets one.
 """
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller's choice, workers inherit it
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="derta_jax_test_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 pytest_plugins = [
     "tests.fixtures_tokenizers",
@@ -17,3 +28,11 @@ pytest_plugins = [
     "tests.fixtures_gcs",
     "tests.fixtures_install",
 ]
+
+
+def pytest_unconfigure(config):
+    """The process that made the session's cache removes it (an xdist worker made none)."""
+    if _SESSION_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

@@ -70,6 +70,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     served: list = []  # (method, "bucket/object" or "bucket/" for a listing), per test
     served_bytes: list = []  # ("bucket/object", bytes of object data sent), per test
+    served_ranges: list = []  # ("bucket/object", first byte, end byte (exclusive)), per test
 
     def log_message(self, *args):  # no line per request on stderr
         pass
@@ -155,6 +156,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
         if query.get("alt") != "media":
             return self._json(200, self._metadata(bucket, name, file))
         data, code, headers = self._bytes(file), 200, {"x-goog-generation": generation}
+        first = 0
         requested = self.headers.get("Range")  # bytes=A-B, bytes=A- or bytes=-N
         if requested:
             first, last = requested.split("=", 1)[1].split("-")
@@ -164,6 +166,7 @@ class _JsonApi(http.server.BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {first}-{last}/{len(data)}"
             data, code = data[first:last + 1], 206
         self.served_bytes.append((f"{bucket}/{name}", len(data)))
+        self.served_ranges.append((f"{bucket}/{name}", first, first + len(data)))
         return self._reply(code, data, headers)
 
     def do_POST(self):
@@ -219,6 +222,7 @@ def fake_gcs_tensorstore(fake_gcs, _json_api_server, monkeypatch):
                                                            hierarchical_namespace_enabled=False))
     monkeypatch.setattr(_JsonApi, "served", [])
     monkeypatch.setattr(_JsonApi, "served_bytes", [])
+    monkeypatch.setattr(_JsonApi, "served_ranges", [])
     yield _JsonApi.served
 
 
@@ -266,9 +270,10 @@ class DirectoryJsonApi(_JsonApi):
 
 @contextlib.contextmanager
 def directory_bucket_server(root: str):
-    """A JSON-API server over `root` -> (its URL, its handler class: .served, .served_bytes)."""
+    """A JSON-API server over `root` -> (its URL, its handler class: .served,
+    .served_bytes, .served_ranges)."""
     handler = type("DirectoryJsonApiAt", (DirectoryJsonApi,),
-                   {"root": str(root), "served": [], "served_bytes": []})
+                   {"root": str(root), "served": [], "served_bytes": [], "served_ranges": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -23,13 +23,16 @@ def smoke_runs(tmp_path_factory, installed):
     import jax
 
     root = tmp_path_factory.mktemp("reproduce")
-    cache = str(root / "xla")
+    # tests/conftest.py's session cache: this process's compilations were already cached
+    # there (a process's JAX initialises its cache once), the installed run reads them
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "xla")
     outs = [str(root / "first"), str(root / "second")]
+    session_cache = jax.config.jax_compilation_cache_dir
     try:
         assert reproduce.main([f"--out={outs[0]}", "--budget=smoke", f"--seeds={SMOKE_SEEDS}",
                                f"--compilation_cache={cache}"]) == 0
     finally:
-        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_compilation_cache_dir", session_cache)
     result = installed(["derta-reproduce", f"--out={outs[1]}", "--budget=smoke",
                         f"--seeds={SMOKE_SEEDS}", f"--compilation_cache={cache}"])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -21,6 +21,8 @@ scanned `layers` axis (`fsdp_fallback`).
 from __future__ import annotations
 
 import math
+import os
+import re
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -43,6 +45,20 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 }
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def use_host_cpu_devices(count: int) -> None:
+    """Before JAX's backends start: this process computes on `count` host CPU devices only.
+
+    For the commands that only prepare (the planner, convert): they must not take a GPU's
+    memory or a TPU VM's chips, which a trainer may be using (and which, on one worker of a
+    pod slice, would wait for the rest); `count` fake devices give them a mesh to lay
+    arrays out on (TPU compile-only devices come from libtpu directly)."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    current = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                     os.environ.get("XLA_FLAGS", "")).strip()
+    os.environ["XLA_FLAGS"] = f"{current} {flag}".strip()
+    jax.config.update("jax_platforms", "cpu")
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Optional[Sequence[Any]] = None) -> Mesh:
