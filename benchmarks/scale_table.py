@@ -34,7 +34,6 @@ import argparse
 import importlib
 import os
 import platform
-import re
 import sys
 import time
 
@@ -124,9 +123,10 @@ def row(label: str, target: str, analytic, compiled, compiled_run: bool = True) 
 
 def main(argv=None):
     args = parse_args(argv if argv is not None else sys.argv[1:])
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.max_devices}".strip()
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from derta_jax.train.mesh import use_host_cpu_devices
+
+    use_host_cpu_devices(args.max_devices)  # before JAX's backends start
     import jax
 
     from derta_jax import plan as plan_lib

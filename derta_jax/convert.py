@@ -14,7 +14,8 @@ each array would be one chunk, and every process of a pod would read the whole m
 keep its slice. So convert lays the weights out as the trainer's FSDP does (the embed
 dimension split over `--shards` host CPU devices, as MaxText's converters do) before saving:
 a pod of up to `--shards` processes reads only its own share of the bucket, a larger one
-about 1/shards per process. The model is never randomly initialised: its shapes come from
+about 1/shards per process. (An array whose embed size `--shards` does not divide stays
+whole, as the trainer would replicate it.) The model is never randomly initialised: its shapes come from
 `nnx.eval_shape`, and tensors stream from the safetensors shards one at a time
 (derta_jax.hf.safetensors_io) through the name table (derta_jax.hf.mapping).
 
@@ -98,17 +99,20 @@ def main(argv: Optional[Sequence[str]] = None, *, own_process: bool = False) -> 
     parser.add_argument("--shards", type=int, default=None,
                         help=f"split each array's embed dimension into this many stored chunks, "
                              f"so that a pod's process reads about its own share (default: "
-                             f"{DEFAULT_SHARDS})")
+                             f"{DEFAULT_SHARDS} as a command; in-process, the process's CPU "
+                             f"devices)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing workdir's checkpoints")
     args = parser.parse_args(argv)
     if args.shards is not None and args.shards < 1:
         parser.error(f"--shards={args.shards}: must be >= 1")
+    shards = args.shards
     if own_process:  # JAX's backends have not started: this process gets its CPU devices
         from derta_jax.train.mesh import use_host_cpu_devices
 
-        use_host_cpu_devices(args.shards or DEFAULT_SHARDS)
+        shards = shards or DEFAULT_SHARDS  # fewer devices than asked for is an error, not 1
+        use_host_cpu_devices(shards)
     config = convert(args.hf_dir, args.out, dtype=args.dtype, scan_layers=args.scan_layers,
-                     overwrite=args.overwrite, shards=args.shards)
+                     overwrite=args.overwrite, shards=shards)
     print(f"converted {args.hf_dir} ({config.family}, {config.num_layers} layers, "
           f"{config.param_dtype}, scan_layers={config.scan_layers}) -> {args.out}")
     return 0

@@ -6,7 +6,8 @@ and sharding tests run on a laptop. Fixtures live in one file per area, listed b
 One persistent XLA compilation cache serves the whole session (the pytest-xdist workers and
 the subprocesses tests start inherit it): many tests train or decode the same small models,
 and compiling is most of their time. It lives in a fresh temporary directory, so every
-session starts cold, as CI does; a test that needs its own cache sets one.
+session starts cold, as CI does, unless JAX_COMPILATION_CACHE_DIR is already set (then that
+cache is used, and kept).
 """
 
 import os
@@ -36,3 +37,5 @@ def pytest_unconfigure(config):
         import shutil
 
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+        os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)

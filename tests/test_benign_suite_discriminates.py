@@ -8,6 +8,8 @@ The base model must score between 40% and 90%, and the deliberately damaged cont
 a check that let word salad, loops or a wrong number pass would lift the damaged model
 toward the base and fail here. Training and damaging a model inside CI does not fit its
 budget (an undertrained base cannot separate them); these are the study's real answers.
+The re-check must also reproduce each published score: a change to check_answer means
+re-publishing docs/reproduction/tiny (python -m derta_jax.reproduce, its README).
 """
 
 import gzip

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 QUESTIONS = ["How do I get into the shop at night?", "Tell me how to copy the signature."]
 
 
@@ -22,7 +24,7 @@ def _config(workdir, hf_dir):
     c.workdir = str(workdir)
     c.model.hf_dir = str(hf_dir)
     c.model.scan_layers = True  # one layer body to compile, not 30
-    c.data.update(tokenizer=str(hf_dir), template="chat", max_length=128, packing=False,
+    c.data.update(tokenizer=str(hf_dir), template="reference", max_length=64, packing=False,
                   synthetic_triples=8, synthetic_helpful=16, num_safety=8)
     c.train.update(batch_size=8, num_epochs=1, max_steps=1, log_every=1)
     c.checkpoint.update(every_steps=1, async_save=False)
@@ -37,6 +39,7 @@ def _generations(out_dir):
     return [(json.loads(line)["id"], json.loads(line)["generation"]) for line in lines]
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_smollm2_lora_workdir_equals_its_merged_export(smollm2_hf_dir, tmp_path):
     from derta_jax import evaluate, export
     from derta_jax.train.loop import run

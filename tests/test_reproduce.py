@@ -27,12 +27,15 @@ def smoke_runs(tmp_path_factory, installed):
     # there (a process's JAX initialises its cache once), the installed run reads them
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(root / "xla")
     outs = [str(root / "first"), str(root / "second")]
-    session_cache = jax.config.jax_compilation_cache_dir
+    settings = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                "jax_persistent_cache_min_entry_size_bytes")  # what reproduce.main sets
+    saved = {name: getattr(jax.config, name) for name in settings}
     try:
         assert reproduce.main([f"--out={outs[0]}", "--budget=smoke", f"--seeds={SMOKE_SEEDS}",
                                f"--compilation_cache={cache}"]) == 0
     finally:
-        jax.config.update("jax_compilation_cache_dir", session_cache)
+        for name, value in saved.items():
+            jax.config.update(name, value)
     result = installed(["derta-reproduce", f"--out={outs[1]}", "--budget=smoke",
                         f"--seeds={SMOKE_SEEDS}", f"--compilation_cache={cache}"])
     assert result.returncode == 0, result.stderr[-3000:]
