@@ -113,7 +113,15 @@ class Assembly:
         else:
             params = load_base_params(self.config, cfg, shardings)
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.state_shardings.opt_state)(params)
-        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.key(seed))
+        return self._placed(0, params, opt_state, jax.random.key(seed))
+
+    def _placed(self, step: int, params: Any, opt_state: Any, rng: jax.Array) -> TrainState:
+        """A TrainState whose step counter and key sit on their (replicated) shardings, as
+        the step returns them: the second call then reuses the first call's trace and
+        executable instead of tracing and compiling the step again."""
+        s = self.state_shardings
+        return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), s.step), params,
+                          opt_state, jax.device_put(rng, s.rng))
 
     def load_frozen(self) -> Any:
         """The frozen base of a LoRA run, reloaded at every start (checkpoints hold only the
@@ -128,8 +136,8 @@ class Assembly:
         abstract = self.abstract_state()
         restored = wd.restore_training_state(manager, step, abstract.params, abstract.opt_state,
                                              jax.random.key(self.config.seed), s.step)
-        state = TrainState(jnp.asarray(restored["step"], jnp.int32), restored["params"],
-                           restored["opt_state"], restored["rng"])
+        state = self._placed(restored["step"], restored["params"], restored["opt_state"],
+                             restored["rng"])
         return state, restored["data"]
 
 
