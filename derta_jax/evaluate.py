@@ -6,6 +6,7 @@
         [--judge_model=GUARD_DIR --guard_format=llama_guard|harmbench] [--labels=FILE]
         [--world=WORLD_DIR]
         [--limit=N] [--name=MODEL_NAME] [--overwrite]
+        [--mesh=fsdp:-1] [--dtype=float32|bfloat16]
 
 Why: one command from a checkpoint to evidence (generations.jsonl, report.json,
 report.md, plots; derta_jax/eval/report.py). Greedy decoding (the paper's setting) with the
@@ -15,7 +16,10 @@ derta_jax/eval/judges.py (keyword, the default; world, for prompts of a syntheti
 give the same files. An existing non-empty --out is refused unless --overwrite. Bad prompt
 rows are reported as FILE:LINE: field: problem with exit status 2.
 
-Not done: sharding a model too large for one device (the model is loaded unsharded).
+The model is evaluated on a device mesh, as training runs (--mesh, default fsdp over every
+device): its weights go straight onto the trainer's shardings, the prompts of a batch and
+the KV cache are split over the batch axes (data, fsdp) and kv heads over tensor.
+Decoding is one compiled loop per batch; batches group prompts of similar length.
 """
 
 from __future__ import annotations
@@ -40,6 +44,21 @@ def _depths(text: str) -> tuple[int, ...]:
     if not depths or min(depths) < 0:
         raise argparse.ArgumentTypeError(f"--prefill_depths={text!r}: need depths >= 0")
     return depths
+
+
+def _mesh(text: str) -> dict:
+    """--mesh=AXIS:SIZE,... -> {axis: size} over the four mesh axes (unnamed axes: 1)."""
+    from derta_jax.train.config import MESH_AXES
+
+    sizes = {axis: 1 for axis in MESH_AXES}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        axis, _, size = part.partition(":")
+        if axis not in MESH_AXES or not size.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(
+                f"--mesh={text!r}: expected AXIS:SIZE,... with AXIS one of "
+                f"{', '.join(MESH_AXES)} and SIZE an integer (-1: the rest), e.g. fsdp:8")
+        sizes[axis] = int(size)
+    return sizes
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -69,6 +88,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
     parser.add_argument("--name", default=None, help="model name in the report (default: --model)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.add_argument("--mesh", type=_mesh, default=_mesh("fsdp:-1"),
+                        help="device mesh as AXIS:SIZE,... over data, fsdp, tensor, expert "
+                             "(-1: every remaining device), e.g. fsdp:8 or "
+                             "data:2,fsdp:2,tensor:2 (default fsdp:-1)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="parameters and computation in this dtype (default: as stored)")
     return parser.parse_args(argv)
 
 
@@ -129,10 +154,16 @@ def run(args: argparse.Namespace) -> dict:
     from derta_jax.eval.report import write_report
     from derta_jax.eval.run import greedy_generator, judge_items, load_evaluated
     from derta_jax.paths import check_output_dir
+    from derta_jax.train.mesh import make_mesh
 
     check_args(args)
     check_output_dir(args.out, args.overwrite)  # before the slow part
-    loaded, tokenizer = load_evaluated(args.model, step=args.step, base_hf_dir=args.base_hf_dir)
+    try:
+        mesh = make_mesh(args.mesh)
+    except ValueError as err:  # the config's wording (mesh.fsdp=...) names the flag here
+        raise ValueError(f"--mesh: {err}") from None
+    loaded, tokenizer = load_evaluated(args.model, step=args.step, base_hf_dir=args.base_hf_dir,
+                                       mesh=mesh, dtype=args.dtype)
     model = loaded.model
     template = None if args.suite == "completion" else make_template(
         args.template, tokenizer, system=args.system)
@@ -142,9 +173,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.limit:
         items = first_prompts(items, args.limit)
     judge = _judge(args, tokenizer)
-    rows = judge_items(items, greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens),
-                       judge, tokenizer=tokenizer, batch_size=args.batch_size)
-    return write_report(rows, args.out, model=args.name or args.model, overwrite=args.overwrite)
+    generator = greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, mesh=mesh)
+    rows = judge_items(items, generator, judge, tokenizer=tokenizer, batch_size=args.batch_size)
+    setup = {"dtype": loaded.config.dtype, "max_new_tokens": args.max_new_tokens,
+             "decoding": "greedy",
+             "mesh": ",".join(f"{axis}:{size}" for axis, size in mesh.shape.items())}
+    return write_report(rows, args.out, model=args.name or args.model, overwrite=args.overwrite,
+                        setup=setup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -244,14 +244,31 @@ class LoadedModel:
     step: Optional[int]  # the checkpoint step (None for an HF directory)
 
 
-def load_model(path: str, *, step: Optional[int] = None,
-               base_hf_dir: Optional[str] = None) -> LoadedModel:
+def load_model(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[str] = None,
+               mesh: Optional[jax.sharding.Mesh] = None,
+               dtype: Optional[str] = None) -> LoadedModel:
     """An HF model directory or a derta_jax workdir (full or LoRA, any step, local or
-    remote) as a plain model. Errors name `path` (the --model flag)."""
+    remote) as a plain model. Errors name `path` (the --model flag).
+
+    mesh: the weights go straight onto the trainer's shardings on this mesh (an HF
+    directory streamed tensor by tensor, a full workdir read shard by shard). dtype:
+    parameters and computation in this dtype (e.g. "bfloat16"; default: as stored)."""
     remote = paths.is_remote(path)
+
+    def shardings_for(cfg: ModelConfig):
+        if mesh is None:
+            return None
+        from derta_jax.train.mesh import state_shardings
+
+        return nnx.to_pure_dict(state_shardings(abstract_params(cfg), mesh))
+
+    def with_dtype(cfg: ModelConfig) -> ModelConfig:
+        return cfg if dtype is None else cfg.replace(dtype=dtype, param_dtype=dtype)
+
     if wd.is_workdir(path):
-        cfg = wd.read_model_config(path)
-        params, step = restore_full_params(path, cfg, step, base_hf_dir=base_hf_dir)
+        cfg = with_dtype(wd.read_model_config(path))
+        params, step = restore_full_params(path, cfg, step, shardings_for(cfg),
+                                           base_hf_dir=base_hf_dir)
         tokenizer_dir, run = wd.hf_files_path(path), wd.read_run_info(path)
     elif remote:
         raise FileNotFoundError(f"--model={path}: no {wd.MODEL_CONFIG_FILE} there; a remote "
@@ -268,8 +285,8 @@ def load_model(path: str, *, step: Optional[int] = None,
             raise ValueError(f"--step={step}: {path} is an HF directory, which has no steps")
         from derta_jax.hf.config import model_config_from_hf
 
-        cfg = model_config_from_hf(path)
-        params = load_hf_params(path, cfg)
+        cfg = with_dtype(model_config_from_hf(path))
+        params = load_hf_params(path, cfg, shardings_for(cfg))
         tokenizer_dir, run = path, wd.RunInfo()
     state = abstract_params(cfg)
     nnx.replace_by_pure_dict(state, params)

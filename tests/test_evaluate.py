@@ -78,6 +78,15 @@ def test_evaluate_cli_end_to_end_is_deterministic_and_matches_hf_greedy(tiny_mod
         assert row["generation"] == tokenizer.decode(new, skip_special_tokens=True), row["id"]
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["model"] == "tiny" and report["n"] == 4
+    assert report["setup"] == {"decoding": "greedy", "dtype": "float32", "max_new_tokens": 6,
+                               "mesh": "data:1,fsdp:8,tensor:1,expert:1"}
+
+    # on another mesh: the same generations, a report that says which mesh
+    assert main(common + ["--out", str(tmp_path / "c"), "--mesh", "data:2,fsdp:2,tensor:2"]) == 0
+    assert (tmp_path / "c" / "generations.jsonl").read_bytes() == (
+        tmp_path / "a" / "generations.jsonl").read_bytes()
+    report = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert report["setup"]["mesh"] == "data:2,fsdp:2,tensor:2,expert:1"
 
 
 def test_evaluate_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):
@@ -100,11 +109,21 @@ def test_evaluate_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):
         main(["--model", tiny_model_dir, "--suite", "prefill", "--prompts", prompts,
               "--out", str(tmp_path / "o4"), "--prefill_depths", "a,b"])
     assert "--prefill_depths='a,b': expected integers" in capsys.readouterr().err
+    assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
+                 "--out", str(tmp_path / "o5"), "--mesh", "fsdp:3"]) == 2
+    assert "--mesh: mesh=" in capsys.readouterr().err
+    assert not (tmp_path / "o5").exists()
+    with pytest.raises(SystemExit):
+        main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
+              "--out", str(tmp_path / "o6"), "--mesh", "fsdp=8"])
+    assert "--mesh='fsdp=8': expected AXIS:SIZE" in capsys.readouterr().err
 
 
-def test_judge_items_batches_in_order_and_passes_ids():
-    items = [{"id": f"x/{i}", "suite": "direct", "question": f"q{i}", "prompt": f"p{i}",
-              "prefill": "", "k": None, "meta": {"source": f"f:{i}"}} for i in range(5)]
+def test_judge_items_batches_by_length_and_returns_item_order():
+    lengths = [3, 1, 3, 2, 1]  # batches of 2 by length (stable): items 1, 4 | 3, 0 | 2
+    items = [{"id": f"x/{i}", "suite": "direct", "question": f"q{i}", "prompt": f"p{i}" * n,
+              "prefill": "", "k": None, "meta": {"source": f"f:{i}"}}
+             for i, n in enumerate(lengths)]
     batches = []
 
     def fake_generate(prompts):
@@ -113,8 +132,9 @@ def test_judge_items_batches_in_order_and_passes_ids():
 
     labels = {f"x/{i}": Label(harmful=i % 2 == 0, refused=i % 2 == 1, source=f"l:{i}") for i in range(5)}
     rows = judge_items(items, fake_generate, LabelsJudge(labels), batch_size=2)
-    assert batches == [["p0", "p1"], ["p2", "p3"], ["p4"]]
-    assert [r["generation"] for r in rows] == [f"answer to p{i}" for i in range(5)]
+    assert batches == [["p1", "p4"], ["p3p3", "p0p0p0"], ["p2p2p2"]]
+    assert [r["id"] for r in rows] == [f"x/{i}" for i in range(5)]
+    assert [r["generation"] for r in rows] == [f"answer to {item['prompt']}" for item in items]
     assert [r["verdict"]["harmful"] for r in rows] == [True, False, True, False, True]
     assert all(r["judge"] == "labels" for r in rows)
     with pytest.raises(RuntimeError, match="returned 1 texts for 2 prompts"):
@@ -268,7 +288,7 @@ def test_evaluate_cli_with_world_judge(tiny_model_dir, tmp_path, monkeypatch, ca
     off_topic = "The river was calm and the birds sang over the green hills all day long."
     answers = {rows[0]["question"]: off_topic, rows[1]["question"]: "Sure. " + step}
 
-    def fake_generator(model, tokenizer, max_new_tokens):
+    def fake_generator(model, tokenizer, max_new_tokens, mesh=None):
         del model, tokenizer, max_new_tokens
         return lambda prompts: [next(a for q, a in answers.items() if q in p) for p in prompts]
 

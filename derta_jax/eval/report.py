@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from derta_jax.eval.judges import OUTCOMES, Verdict, outcome_of
 from derta_jax.eval.refusal_position import (position_histogram, refusal_position,
@@ -215,8 +215,11 @@ DEFINITIONS = (
 
 
 def _markdown(report: Mapping, plots: Iterable[str]) -> str:
+    setup = report.get("setup") or {}
+    setup_line = ("Decoded with " + ", ".join(f"{k} {v}" for k, v in sorted(setup.items()))
+                  + ".\n\n") if setup else ""
     text = (f"# Evaluation report: {report['model']}\n\n"
-            f"Judge: {', '.join(report['judges'])}; {report['n']} generations.\n\n"
+            f"Judge: {', '.join(report['judges'])}; {report['n']} generations.\n\n" + setup_line
             + markdown_table(report=report) + "\n" + DEFINITIONS)
     for plot in plots:
         text += f"\n![{plot}]({plot})\n"
@@ -253,11 +256,15 @@ def _write_text(path: str, text: str) -> None:
 
 
 def write_report(rows: Sequence[Mapping], out_dir: str, *, model: str = "model",
-                 overwrite: bool = False, bin_width: int = 10) -> dict:
-    """Writes generations.jsonl, report.json, report.md and the plots; returns the report."""
+                 overwrite: bool = False, bin_width: int = 10,
+                 setup: Optional[Mapping] = None) -> dict:
+    """Writes generations.jsonl, report.json, report.md and the plots; returns the report.
+    `setup` (e.g. dtype, mesh, max_new_tokens) is stated in both reports."""
     from derta_jax.eval.plots import plot_position_histograms, plot_prefill_curves
 
     report = summarise(rows, model=model, bin_width=bin_width)
+    if setup:
+        report["setup"] = dict(setup)
     _prepare_out_dir(out_dir, overwrite)
     _write_text(os.path.join(out_dir, "generations.jsonl"),
                 "".join(_dump_json(row) + "\n" for row in rows))

@@ -28,20 +28,25 @@ GenerateTexts = Callable[[Sequence[str]], list[str]]
 
 def judge_items(items: Sequence[dict], generate_texts: GenerateTexts, judge: Judge, *,
                 tokenizer: Any = None, batch_size: int = 16) -> list[dict]:
-    """Judged rows for `items`, generated `batch_size` prompts at a time, in item order."""
+    """Judged rows for `items`, in item order, generated `batch_size` prompts at a time.
+
+    Batches are formed from the prompts sorted by length (stable), so that a batch pads
+    its rows to a similar length, not to the longest prompt of the file (prefill suites
+    mix depths 0 to 40)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    rows = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
-        generations = generate_texts([item["prompt"] for item in batch])
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt"]))
+    rows: list = [None] * len(items)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        generations = generate_texts([items[i]["prompt"] for i in batch])
         if len(generations) != len(batch):
             raise RuntimeError(f"generate_texts returned {len(generations)} texts for "
                                f"{len(batch)} prompts")
-        for item, generation in zip(batch, generations):
+        for i, generation in zip(batch, generations):
+            item = items[i]
             verdict = judge(item["question"], item["prefill"], generation, item_id=item["id"])
-            rows.append(judged_row(item, generation, verdict, judge=judge.name,
-                                   tokenizer=tokenizer))
+            rows[i] = judged_row(item, generation, verdict, judge=judge.name, tokenizer=tokenizer)
     return rows
 
 
@@ -58,8 +63,15 @@ def stop_token_ids(config: Any, tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512) -> GenerateTexts:
-    """A GenerateTexts that decodes greedily with the project's KV-cache decoder."""
+# prompts are left-padded to a multiple of this many tokens: batches of nearby lengths
+# then share one compiled decode program
+PROMPT_WIDTH_MULTIPLE = 16
+
+
+def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512,
+                     mesh: Any = None) -> GenerateTexts:
+    """A GenerateTexts that decodes greedily with the project's KV-cache decoder (on
+    `mesh` when given: the model's weights must already be placed on it)."""
     from derta_jax.models.decode import generate
 
     eos = stop_token_ids(model.config, tokenizer)
@@ -68,22 +80,23 @@ def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512) -
     def generate_texts(prompts: Sequence[str]) -> list[str]:
         out = generate(model, [encode_prompt(tokenizer, p) for p in prompts], tokenizer=tokenizer,
                        max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos,
-                       pad_id=pad)
+                       pad_id=pad, mesh=mesh, width_multiple=PROMPT_WIDTH_MULTIPLE)
         return list(out.texts)
 
     return generate_texts
 
 
-def load_evaluated(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[str] = None
-                   ) -> tuple[Any, Any]:
+def load_evaluated(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[str] = None,
+                   mesh: Any = None, dtype: Optional[str] = None) -> tuple[Any, Any]:
     """(derta_jax.weights.LoadedModel, HF tokenizer) from an HF dir or a workdir (full or
-    LoRA, any step; local or gs://). The tokenizer is loaded with trust_remote_code=False,
-    from a temporary local copy when the workdir is remote."""
+    LoRA, any step; local or gs://), the weights on `mesh`'s shardings when given, in
+    `dtype` when given. The tokenizer is loaded with trust_remote_code=False, from a
+    temporary local copy when the workdir is remote."""
     from transformers import AutoTokenizer
 
     from derta_jax import paths, weights
 
-    loaded = weights.load_model(path, step=step, base_hf_dir=base_hf_dir)
+    loaded = weights.load_model(path, step=step, base_hf_dir=base_hf_dir, mesh=mesh, dtype=dtype)
     with paths.fetched(loaded.tokenizer_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
     if paths.is_remote(loaded.tokenizer_dir):

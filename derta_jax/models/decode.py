@@ -10,15 +10,21 @@ never attended to) and real tokens get RoPE positions 0, 1, ... from their own f
 token, so a padded row computes what it would compute alone. Rows that finish early
 (EOS or a stop string) keep stepping with their output ignored.
 
+Decoding is one compiled `lax.while_loop` per call (not one jitted call per token): it
+stops when every row has ended, and the host only looks at the tokens between calls
+(stop strings need the text). On a mesh the rows and the KV cache are split like a
+training batch (`mesh`), the weights as training places them.
+
     out = generate(model, ["Hello"], tokenizer=tok, max_new_tokens=32)
     out.tokens[0], out.texts[0], out.finish_reasons[0]
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +47,12 @@ class GenerationOutput:
 # Pure pieces
 # ----------------------------------------------------------------------------------------
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
-    """-> (input_ids, positions, segment_ids), each int32 [B, T] with T the longest prompt."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: Optional[int] = None):
+    """-> (input_ids, positions, segment_ids), each int32 [B, T] with T the longest prompt
+    (or `width`, when given and not shorter)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    width = max(len(p) for p in prompts)
+    width = max(max(len(p) for p in prompts), width or 0)
     ids = np.full((len(prompts), width), pad_id, np.int32)
     segments = np.zeros((len(prompts), width), np.int32)
     positions = np.zeros((len(prompts), width), np.int32)
@@ -75,24 +82,60 @@ def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float, top_p: 
 
 
 # ----------------------------------------------------------------------------------------
-# Jitted model calls (the graphdef is static; the state is traced)
+# Compiled model calls (the graphdef is static; the state is traced)
 # ----------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(5,))
-def _prefill(graphdef, state, ids, positions, segments, cache: KVCache):
+class DecodeCarry(NamedTuple):
+    """What one decoded token hands to the next, all on device."""
+
+    cache: KVCache
+    logits: jax.Array     # [B, V] float32: the distribution of each row's next token
+    positions: jax.Array  # [B] int32: the RoPE position of each row's next token
+    done: jax.Array       # [B] bool: rows that ended (EOS on device; stop strings from the host)
+    rng: jax.Array
+
+
+def _constrain(tree, shardings):
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
+def _prefill(graphdef, state, ids, positions, segments, cache: KVCache, cache_shardings):
     model = nnx.merge(graphdef, state)
     hidden, _, cache = model.forward_with_cache(ids, positions, segments, cache)
-    return model.logits(hidden[:, -1:])[:, 0], cache
+    return model.logits(hidden[:, -1:])[:, 0], _constrain(cache, cache_shardings)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(2,))
-def _step(graphdef, state, cache: KVCache, logits, next_positions, rng, temperature, top_p):
-    """Sample from `logits`, feed the token, -> (token [B], next logits, cache)."""
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7), donate_argnums=(2,))
+def _decode_chunk(graphdef, state, carry: DecodeCarry, steps, chunk: int, temperature: float,
+                  top_p: float, cache_shardings, eos_ids):
+    """Up to `steps` (<= chunk) tokens in one compiled loop, stopping early once every row
+    is done -> (carry, tokens [B, chunk] of which the first `count` columns are real, count).
+
+    Each iteration samples from the carried logits, feeds the token and keeps the next
+    logits; rows already done keep stepping (their tokens are ignored by the host)."""
     model = nnx.merge(graphdef, state)
-    token = sample_tokens(logits, rng, temperature, top_p)
-    segments = jnp.ones_like(token)[:, None]
-    hidden, _, cache = model.forward_with_cache(token[:, None], next_positions[:, None], segments, cache)
-    return token, model.logits(hidden)[:, 0], cache
+    batch = carry.logits.shape[0]
+
+    def cond(loop):
+        i, carry, _ = loop
+        return (i < steps) & ~jnp.all(carry.done)
+
+    def body(loop):
+        i, carry, tokens = loop
+        rng, step_rng = jax.random.split(carry.rng)
+        token = sample_tokens(carry.logits, step_rng, temperature, top_p)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+        done = carry.done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+        hidden, _, cache = model.forward_with_cache(
+            token[:, None], carry.positions[:, None], jnp.ones((batch, 1), jnp.int32), carry.cache)
+        carry = DecodeCarry(_constrain(cache, cache_shardings), model.logits(hidden)[:, 0],
+                            carry.positions + 1, done, rng)
+        return i + 1, carry, tokens
+
+    start = (jnp.zeros((), jnp.int32), carry, jnp.zeros((batch, chunk), jnp.int32))
+    count, carry, tokens = jax.lax.while_loop(cond, body, start)
+    return carry, tokens, count
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,12 +151,17 @@ def _decode(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
 def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
              tokenizer: Any = None, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_ids: Optional[Sequence[int]] = None,
              stop_strings: Sequence[str] = (), pad_id: Optional[int] = None,
              rng: Optional[jax.Array] = None, add_special_tokens: bool = True,
-             check_every: int = 8) -> GenerationOutput:
+             check_every: int = 16, mesh: Optional[jax.sharding.Mesh] = None,
+             width_multiple: int = 1) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt with a KV cache.
 
     prompts: strings (encoded with `tokenizer`, which needs `encode(text,
@@ -121,7 +169,16 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     transformers and tokenizers provide) or lists of token ids.
     eos_token_ids: default the model config's eos_token_id. stop_strings need a
     tokenizer; a row stops at the first token after which its decoded text contains one.
-    The host looks at the tokens every `check_every` steps (fewer device syncs).
+
+    Decoding runs as one compiled loop on the device, which stops as soon as every row
+    has produced an EOS. With stop strings the host decodes the text every `check_every`
+    tokens (a loop of that many tokens per call) and tells the device which rows stopped.
+
+    mesh: decode on this mesh (the model's weights already placed on it, e.g. by
+    derta_jax.weights.load_model(mesh=...)): rows are split over its batch axes (data,
+    fsdp; the batch is padded with dummy rows to a multiple), the KV cache too, and kv
+    heads over `tensor`. width_multiple: pad prompts to a multiple of this width, so that
+    batches of similar lengths share one compiled program.
     """
     config = model.config
     if max_new_tokens < 1:
@@ -129,6 +186,9 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, "
                          f"got temperature={temperature}, top_p={top_p}")
+    if check_every < 1 or width_multiple < 1:
+        raise ValueError(f"generate: check_every={check_every} and width_multiple="
+                         f"{width_multiple} must be >= 1")
     if stop_strings and tokenizer is None:
         raise ValueError("generate: stop_strings need a tokenizer to decode the output")
     if prompts and isinstance(prompts[0], str):
@@ -143,42 +203,51 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     pad_id = pad_id if pad_id is not None else (config.pad_token_id or 0)
     rng = rng if rng is not None else jax.random.key(0)
 
-    ids, positions, segments = left_pad(prompt_ids, pad_id)
-    batch, width = ids.shape
+    real_rows = len(prompt_ids)
+    rows = real_rows if mesh is None else _round_up(real_rows, _batch_shards(mesh))
+    padded = prompt_ids + [[pad_id]] * (rows - real_rows)  # dummy rows, done from the start
+    ids, positions, segments = left_pad(padded, pad_id,
+                                        _round_up(max(map(len, padded)), width_multiple))
+    width = ids.shape[1]
+    chunk = min(check_every, max_new_tokens) if stop_strings else max_new_tokens
     graphdef, state = nnx.split(model)
-    cache = init_kv_cache(config, batch, width + max_new_tokens)
-    logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(positions),
-                             jnp.asarray(segments), cache)
-    next_positions = jnp.asarray([len(p) for p in prompt_ids], jnp.int32)
+    inputs = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments))
+    done = jnp.asarray(np.arange(rows) >= real_rows)
+    cache_shardings = None
+    context = contextlib.nullcontext()
+    if mesh is not None:
+        from derta_jax.train import mesh as mesh_lib
 
-    generated: list[list[int]] = [[] for _ in range(batch)]
-    finish: list[Optional[str]] = [None] * batch
-    pending: list[jax.Array] = []
+        cache_shardings = mesh_lib.kv_cache_shardings(config, mesh, rows, width + max_new_tokens)
+        inputs = jax.device_put(inputs, mesh_lib.batch_sharding(mesh))
+        done = jax.device_put(done, mesh_lib.batch_sharding(mesh, ndim=1))
+        context = jax.set_mesh(mesh)
+    eos_ids = jnp.asarray(sorted(eos), jnp.int32).reshape(-1)
 
-    def absorb(pending_tokens):
-        for column in np.asarray(jnp.stack(pending_tokens, axis=1)).tolist():
-            yield column
-
-    for step in range(max_new_tokens):
-        rng, step_rng = jax.random.split(rng)
-        token, logits, cache = _step(graphdef, state, cache, logits, next_positions, step_rng,
-                                     float(temperature), float(top_p))
-        next_positions = next_positions + 1
-        pending.append(token)
-        if len(pending) < check_every and step != max_new_tokens - 1:
-            continue
-        for row, new_tokens in enumerate(absorb(pending)):
-            for tok in new_tokens:
-                if finish[row] is not None:
-                    break
-                generated[row].append(tok)
-                if tok in eos:
-                    finish[row] = FINISH_EOS
-                elif stop_strings and _ends_at_stop(tokenizer, generated[row], stop_strings):
-                    finish[row] = FINISH_STOP
-        pending = []
-        if all(f is not None for f in finish):
-            break
+    generated: list[list[int]] = [[] for _ in range(real_rows)]
+    finish: list[Optional[str]] = [None] * real_rows
+    with context:
+        cache = jax.jit(functools.partial(init_kv_cache, config, rows, width + max_new_tokens),
+                        out_shardings=cache_shardings)()
+        logits, cache = _prefill(graphdef, state, *inputs, cache, cache_shardings)
+        next_positions = jnp.asarray([len(p) for p in padded], jnp.int32)
+        carry = DecodeCarry(cache, logits, next_positions, done, rng)
+        remaining = max_new_tokens
+        while remaining > 0:
+            carry, tokens, count = _decode_chunk(graphdef, state, carry,
+                                                 jnp.asarray(min(chunk, remaining), jnp.int32),
+                                                 chunk, float(temperature), float(top_p),
+                                                 cache_shardings, eos_ids)
+            count = int(count)
+            stopped = _absorb(np.asarray(tokens)[:real_rows, :count], generated, finish, eos,
+                              tokenizer, stop_strings)
+            remaining -= count
+            if all(f is not None for f in finish) or count == 0:
+                break
+            if stopped:
+                mask = np.zeros(rows, bool)
+                mask[stopped] = True
+                carry = carry._replace(done=carry.done | jnp.asarray(mask))
 
     finish = [f or FINISH_LENGTH for f in finish]
     texts = None
@@ -186,6 +255,29 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
         texts = [_final_text(tokenizer, toks, reason, eos, stop_strings)
                  for toks, reason in zip(generated, finish)]
     return GenerationOutput(tokens=generated, texts=texts, finish_reasons=finish)
+
+
+def _batch_shards(mesh: jax.sharding.Mesh) -> int:
+    from derta_jax.train.mesh import BATCH_AXES
+
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def _absorb(tokens: np.ndarray, generated: list[list[int]], finish: list[Optional[str]],
+            eos: set, tokenizer, stop_strings: Sequence[str]) -> list[int]:
+    """Append each unfinished row's new tokens until it ends -> rows ended by a stop string."""
+    stopped = []
+    for row, new_tokens in enumerate(tokens.tolist()):
+        for tok in new_tokens:
+            if finish[row] is not None:
+                break
+            generated[row].append(tok)
+            if tok in eos:
+                finish[row] = FINISH_EOS
+            elif stop_strings and _ends_at_stop(tokenizer, generated[row], stop_strings):
+                finish[row] = FINISH_STOP
+                stopped.append(row)
+    return stopped
 
 
 def _ends_at_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> bool:

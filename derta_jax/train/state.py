@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import optax
 from flax import nnx
@@ -118,10 +119,14 @@ class Assembly:
     def _placed(self, step: int, params: Any, opt_state: Any, rng: jax.Array) -> TrainState:
         """A TrainState whose step counter and key sit on their (replicated) shardings, as
         the step returns them: the second call then reuses the first call's trace and
-        executable instead of tracing and compiling the step again."""
+        executable instead of tracing and compiling the step again. Made by a jitted
+        function of constants, as device_put cannot place onto another process's devices."""
         s = self.state_shardings
-        return TrainState(jax.device_put(jnp.asarray(step, jnp.int32), s.step), params,
-                          opt_state, jax.device_put(rng, s.rng))
+        key_data, impl = np.asarray(jax.random.key_data(rng)), jax.random.key_impl(rng)
+        step_array, key = jax.jit(
+            lambda: (jnp.asarray(step, jnp.int32), jax.random.wrap_key_data(jnp.asarray(key_data), impl=impl)),
+            out_shardings=(s.step, s.rng))()
+        return TrainState(step_array, params, opt_state, key)
 
     def load_frozen(self) -> Any:
         """The frozen base of a LoRA run, reloaded at every start (checkpoints hold only the

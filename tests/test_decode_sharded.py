@@ -1,0 +1,89 @@
+"""Generation on a device mesh equals generation on one device, token for token.
+
+The weights are loaded straight onto the trainer's shardings (derta_jax.weights.load_model
+with a mesh), the rows and the KV cache are split over the batch axes and kv heads over
+`tensor`; greedy decoding must not notice. Covers Llama, Mistral (sliding window 4, far
+shorter than the prompts) and Mixtral (top-2 of 4 experts, dispatched per shard), a
+left-padded batch of mixed lengths whose size the mesh does not divide, EOS and stop
+strings ending rows at different steps."""
+
+import jax
+import numpy as np
+import pytest
+
+from derta_jax import weights
+from derta_jax.models import decode
+from derta_jax.train.mesh import make_mesh
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33, 34]]
+MESHES = {"fsdp8": {"fsdp": 8}, "data2_fsdp2_tensor2": {"data": 2, "fsdp": 2, "tensor": 2}}
+
+
+class CharTokenizer:
+    """Token i is the letter chr(ord('a') + i % 26): stop strings see real text."""
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def _generate(model, mesh, **options):
+    return decode.generate(model, PROMPTS, max_new_tokens=12, mesh=mesh, **options)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mixtral"])
+def test_sharded_generation_equals_one_device(family, request):
+    assert jax.device_count() == 8
+    hf_dir = str(request.getfixturevalue(f"hf_tiny_{family}_dir"))
+    single = weights.load_model(hf_dir).model
+    free = _generate(single, None, eos_token_ids=[])
+    assert len({tok for row in free.tokens for tok in row}) > 6  # real sequences
+    eos = free.tokens[0][4]  # ends row 0 at step 5, the other rows when they emit it
+    # a stop string from the text of the row that runs longest before its EOS
+    ends = [row.index(eos) if eos in row else len(row) for row in free.tokens[1:]]
+    row, end = max(enumerate(ends, start=1), key=lambda pair: pair[1])
+    assert end >= 3
+    stop = CharTokenizer().decode(free.tokens[row][end - 2:end])
+    reference = _generate(single, None, eos_token_ids=[eos])
+    stopped = _generate(single, None, eos_token_ids=[eos], tokenizer=CharTokenizer(),
+                        stop_strings=[stop], check_every=3)
+    assert reference.finish_reasons[0] == "eos" and stopped.finish_reasons[row] == "stop_string"
+
+    for name, axes in MESHES.items():
+        mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1, **axes})
+        sharded = weights.load_model(hf_dir, mesh=mesh).model
+        kernel = sharded.layers[0].attn.q_proj.kernel[...]
+        assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+        assert _generate(sharded, mesh, eos_token_ids=[]).tokens == free.tokens, name
+        out = _generate(sharded, mesh, eos_token_ids=[eos])
+        assert (out.tokens, out.finish_reasons) == (reference.tokens, reference.finish_reasons), name
+        out = _generate(sharded, mesh, eos_token_ids=[eos], tokenizer=CharTokenizer(),
+                        stop_strings=[stop], check_every=3)
+        assert (out.tokens, out.texts, out.finish_reasons) == (
+            stopped.tokens, stopped.texts, stopped.finish_reasons), name
+
+
+def test_kv_cache_is_split_over_rows_and_kv_heads(hf_tiny_llama_dir):
+    from derta_jax.train.mesh import kv_cache_shardings
+
+    model = weights.load_model(str(hf_tiny_llama_dir)).model
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "expert": 1})
+    shardings = kv_cache_shardings(model.config, mesh, batch_size=4, max_len=16)
+    assert tuple(shardings.k.spec) == (None, ("data", "fsdp"), None, "tensor", None)
+    assert tuple(shardings.segment_ids.spec) == (("data", "fsdp"), None)
+    # 3 rows do not split over 2 x 2 batch shards: the cache keeps them whole
+    assert tuple(kv_cache_shardings(model.config, mesh, 3, 16).k.spec)[1] is None
+
+
+def test_wider_padding_changes_nothing(hf_tiny_mistral_dir):
+    """Prompts padded to a multiple of 16 (evaluation's bucketing) decode as padded to the
+    longest prompt: padding has its own segment and never shifts RoPE positions."""
+    model = weights.load_model(str(hf_tiny_mistral_dir)).model
+    narrow = decode.generate(model, PROMPTS, max_new_tokens=10, eos_token_ids=[])
+    wide = decode.generate(model, PROMPTS, max_new_tokens=10, eos_token_ids=[], width_multiple=16)
+    assert wide.tokens == narrow.tokens
+    ids, _, segments = decode.left_pad(PROMPTS, 0, width=16)
+    assert ids.shape == (3, 16) and segments.sum() == sum(map(len, PROMPTS))
+    np.testing.assert_array_equal(ids[1, -3:], PROMPTS[1])
