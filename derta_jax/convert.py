@@ -75,6 +75,7 @@ def _fsdp_shardings(config: ModelConfig, shards: Optional[int]) -> dict:
     import jax
     from flax import nnx
 
+    from derta_jax.models import sharding as sharding_lib
     from derta_jax.train import mesh as mesh_lib
 
     devices = jax.local_devices(backend="cpu")
@@ -83,7 +84,7 @@ def _fsdp_shardings(config: ModelConfig, shards: Optional[int]) -> dict:
         raise ValueError(f"--shards={shards}: this process has {len(devices)} CPU device(s)")
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": shards, "tensor": 1, "expert": 1},
                               devices=devices[:shards])
-    return nnx.to_pure_dict(mesh_lib.state_shardings(weights.abstract_params(config), mesh))
+    return nnx.to_pure_dict(sharding_lib.state_shardings(weights.abstract_params(config), mesh))
 
 
 def main(argv: Optional[Sequence[str]] = None, *, own_process: bool = False) -> int:

@@ -6,7 +6,7 @@
         [--judge_model=GUARD_DIR --guard_format=llama_guard|harmbench] [--labels=FILE]
         [--world=WORLD_DIR]
         [--limit=N] [--name=MODEL_NAME] [--overwrite]
-        [--mesh=fsdp:-1] [--dtype=float32|bfloat16]
+        [--mesh=fsdp:-1] [--dtype=float32|bfloat16] [--compute_dtype=float32|bfloat16]
 
 Why: one command from a checkpoint to evidence (generations.jsonl, report.json,
 report.md, plots; derta_jax/eval/report.py). Greedy decoding (the paper's setting) with the
@@ -93,7 +93,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(-1: every remaining device), e.g. fsdp:8 or "
                              "data:2,fsdp:2,tensor:2 (default fsdp:-1)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="parameters and computation in this dtype (default: as stored)")
+                        help="parameters in this dtype (default: as stored)")
+    parser.add_argument("--compute_dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="activations in this dtype (default: --dtype). SmolLM2-135M, "
+                             "first 32 greedy tokens: bfloat16 weights + float32 compute emit "
+                             "float32's tokens; bfloat16 compute 91%% of them")
     return parser.parse_args(argv)
 
 
@@ -163,7 +167,8 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError as err:  # the config's wording (mesh.fsdp=...) names the flag here
         raise ValueError(f"--mesh: {err}") from None
     loaded, tokenizer = load_evaluated(args.model, step=args.step, base_hf_dir=args.base_hf_dir,
-                                       mesh=mesh, dtype=args.dtype)
+                                       mesh=mesh, dtype=args.dtype,
+                                       compute_dtype=args.compute_dtype)
     model = loaded.model
     template = None if args.suite == "completion" else make_template(
         args.template, tokenizer, system=args.system)
@@ -175,7 +180,8 @@ def run(args: argparse.Namespace) -> dict:
     judge = _judge(args, tokenizer)
     generator = greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, mesh=mesh)
     rows = judge_items(items, generator, judge, tokenizer=tokenizer, batch_size=args.batch_size)
-    setup = {"dtype": loaded.config.dtype, "max_new_tokens": args.max_new_tokens,
+    setup = {"param_dtype": loaded.config.param_dtype, "dtype": loaded.config.dtype,
+             "max_new_tokens": args.max_new_tokens,
              "decoding": "greedy",
              "mesh": ",".join(f"{axis}:{size}" for axis, size in mesh.shape.items())}
     return write_report(rows, args.out, model=args.name or args.model, overwrite=args.overwrite,

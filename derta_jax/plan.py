@@ -1,4 +1,5 @@
-"""`python -m derta_jax.plan --config=configs/X.py [--mesh=data:1,fsdp:8] [--topology=v5p-64]`
+"""`python -m derta_jax.plan --config=configs/X.py [--mesh=data:1,fsdp:8] [--topology=v5p-64]
+    [--eval --batch_size=64 --max_new_tokens=512 [--prompt_len=N]]`
 
 Says, before a pod is rented, whether a run fits and how long a step should take, without
 allocating the model:
@@ -16,6 +17,10 @@ The CLI sets `--xla_force_host_platform_device_count` for itself before JAX star
 compile sees as many (fake) devices as the plan asks for. Config mistakes (a mesh whose
 product is not the device count, a batch that does not divide) fail with the config's own
 error naming the field, exactly as the trainer would fail on the pod.
+
+With --eval it plans evaluation of the same model on the same mesh instead
+(derta_jax.train.plan_decode): weights and KV cache per device, and the prefill and
+decode programs of derta_jax.models.decode compiled for the topology.
 """
 
 from __future__ import annotations
@@ -50,6 +55,12 @@ _COMPILE_ON = flags.DEFINE_enum("compile_on", "auto", ["auto", "tpu", "cpu"],
                                 "the topology is a TPU slice, else cpu.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilisation for the step time.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+_EVAL = flags.DEFINE_boolean("eval", False, "Plan evaluation instead of training: weights + "
+                             "KV cache per device, and the decode programs compiled.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "--eval: prompts decoded together.")
+_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 512, "--eval: tokens generated per prompt.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "--eval: prompt tokens (padded width; "
+                                   "default: the config's data.max_length).")
 
 
 class PlanError(ValueError):
@@ -108,8 +119,6 @@ def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
               compile_step: bool = True, compile_on: str = "cpu", mfu: float = 0.4) -> dict:
     """The plan as plain data (see the module docstring). Raises ConfigError on bad configs.
     `compile_on` is --compile_on; the default keeps library callers on fake CPU devices."""
-    import jax
-
     from derta_jax.train import flops, plan_memory
     from derta_jax.train.config import build_model_config, resolve_mesh_shape, validate
 
@@ -149,26 +158,13 @@ def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
     peak = plan["per_device"]["analytic_peak"]
     if compile_step:
         from derta_jax.train import plan_compile
-        from derta_jax.train.topology import compile_only_devices, libtpu_version
 
-        target, target_notes = compile_target(compile_on, topology)
-        notes += target_notes
-        if target == "tpu":
-            devices = compile_only_devices(topology)
-            backend = (f"tpu {topology.tpu_topology} compile-only devices, "
-                       f"libtpu {libtpu_version()}")
-        else:
-            devices = jax.devices("cpu")
-            if len(devices) < num_devices:
-                raise PlanError(f"the plan needs {num_devices} devices but JAX has {len(devices)} "
-                                f"CPU devices: run `python -m derta_jax.plan`, which sets "
-                                f"XLA_FLAGS=--xla_force_host_platform_device_count for itself")
-            devices, backend = devices[:num_devices], "cpu (fake devices)"
+        devices, backend = _compile_devices(compile_on, topology, num_devices, notes)
         compiled = plan_compile.compile_step_memory(config, devices)
         plan["compiled"] = dict(dataclass_dict(compiled), peak_bytes=compiled.peak_bytes,
                                 backend=backend)
         peak = compiled.peak_bytes
-        if target == "cpu" and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
+        if backend.startswith("cpu") and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
             notes.append("XLA:CPU runs bf16 matmuls in f32 and may keep an f32 copy of bf16 "
                          "weights (up to 2x their bytes) that TPU/GPU do not: the compiled peak "
                          "is an upper bound, the analytic total a lower one")
@@ -193,6 +189,85 @@ def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
     return plan
 
 
+def make_eval_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
+                   batch_size: int = 64, max_new_tokens: int = 512, prompt_len: int = 0,
+                   compile_decode: bool = True, compile_on: str = "cpu") -> dict:
+    """The evaluation plan as plain data: the merged model (LoRA adapters merged, as
+    evaluate loads it) on the config's mesh, decoding `batch_size` prompts of `prompt_len`
+    tokens (default data.max_length) to `max_new_tokens` more."""
+    from derta_jax.train import plan_decode
+    from derta_jax.train.config import build_model_config, resolve_mesh_shape
+    from derta_jax.train.plan_memory import abstract_mesh
+
+    for flag, value in (("--batch_size", batch_size), ("--max_new_tokens", max_new_tokens)):
+        if value < 1:
+            raise PlanError(f"{flag}={value}: must be >= 1")
+    if prompt_len < 0:
+        raise PlanError(f"--prompt_len={prompt_len}: must be >= 0")
+    config = copy.deepcopy(config)
+    sizes = resolve_mesh_shape(config.mesh, num_devices)
+    model_cfg = build_model_config(config)
+    prompt_len = prompt_len or int(config.data.max_length)
+    if prompt_len + max_new_tokens > model_cfg.max_position_embeddings:
+        raise PlanError(f"--prompt_len + --max_new_tokens = {prompt_len + max_new_tokens}: "
+                        f"above the model's max_position_embeddings "
+                        f"({model_cfg.max_position_embeddings})")
+    shape = plan_decode.decode_shape(batch_size, prompt_len, max_new_tokens, sizes)
+    memory = plan_decode.decode_memory(model_cfg, abstract_mesh(sizes), shape)
+    notes = []
+    if shape.rows != batch_size:
+        notes.append(f"--batch_size={batch_size} is padded to {shape.rows} rows, a multiple "
+                     f"of the batch shards (data x fsdp)")
+    plan = {"mode": "eval",
+            "config": {"preset": config.model.preset, "lora": bool(config.lora.enabled),
+                       "param_dtype": model_cfg.param_dtype, "dtype": model_cfg.dtype},
+            "devices": num_devices, "mesh": sizes, "params": memory["params"],
+            "decode": {"batch": batch_size, "rows": shape.rows, "prompt_len": prompt_len,
+                       "max_new_tokens": max_new_tokens, "cache_len": shape.cache_len},
+            "per_device": {"weights": memory["weights_bytes"],
+                           "kv_cache": memory["kv_cache_bytes"]},
+            "total": {"weights": memory["weights_bytes_total"],
+                      "kv_cache": memory["kv_cache_bytes_total"]},
+            "notes": notes}
+    peak = plan["per_device"]["analytic_peak"] = memory["weights_bytes"] + memory["kv_cache_bytes"]
+    if compile_decode:
+        from derta_jax.train import mesh as mesh_lib
+
+        devices, backend = _compile_devices(compile_on, topology, num_devices, notes)
+        compiled = plan_decode.compile_decode_memory(
+            model_cfg, mesh_lib.make_mesh(sizes, devices), shape)
+        plan["compiled"] = dict(compiled, backend=backend)
+        peak = max(c["peak_bytes"] for c in compiled.values())
+    plan["per_device"]["peak"] = peak
+    if topology is not None:
+        plan["topology"] = {"name": topology.name, "device_kind": topology.device_kind,
+                            "hbm_bytes": topology.hbm_bytes, "peak_flops": topology.peak_flops}
+        plan["fits"] = peak <= topology.hbm_bytes
+        plan["headroom_bytes"] = topology.hbm_bytes - peak
+    return plan
+
+
+def _compile_devices(compile_on: str, topology: Optional[Any], num_devices: int,
+                     notes: list) -> tuple:
+    """(devices to compile for, their description): a TPU topology's compile-only devices
+    or fake CPU devices (see compile_target)."""
+    import jax
+
+    from derta_jax.train.topology import compile_only_devices, libtpu_version
+
+    target, target_notes = compile_target(compile_on, topology)
+    notes += target_notes
+    if target == "tpu":
+        return (compile_only_devices(topology),
+                f"tpu {topology.tpu_topology} compile-only devices, libtpu {libtpu_version()}")
+    devices = jax.devices("cpu")
+    if len(devices) < num_devices:
+        raise PlanError(f"the plan needs {num_devices} devices but JAX has {len(devices)} "
+                        f"CPU devices: run `python -m derta_jax.plan`, which sets "
+                        f"XLA_FLAGS=--xla_force_host_platform_device_count for itself")
+    return devices[:num_devices], "cpu (fake devices)"
+
+
 def dataclass_dict(obj: Any) -> dict:
     import dataclasses
 
@@ -203,8 +278,42 @@ def _gib(n: float) -> str:
     return f"{n / GIB:,.2f} GiB"
 
 
+def render_eval(plan: dict) -> str:
+    """The evaluation plan as the screen the user reads."""
+    c, d, e, t = plan["config"], plan["per_device"], plan["decode"], plan["total"]
+    mesh = ",".join(f"{a}:{s}" for a, s in plan["mesh"].items())
+    lines = [f"model        {c['preset'] or 'custom'}{' (LoRA merged)' if c['lora'] else ''}: "
+             f"{plan['params'] / 1e9:.3f} B parameters (params {c['param_dtype']}, "
+             f"compute {c['dtype']})",
+             f"mesh         {mesh} on {plan['devices']} devices",
+             f"decode       {e['rows']} rows x ({e['prompt_len']} prompt + {e['max_new_tokens']} "
+             f"new tokens) = KV cache of {e['cache_len']} slots"]
+    if "topology" in plan:
+        top = plan["topology"]
+        lines.append(f"device       {top['name']}: {top['device_kind']}, {_gib(top['hbm_bytes'])} each")
+    lines += ["per device   (analytic: the trainer's shardings, the decoder's KV cache shardings)",
+              f"  weights      {_gib(d['weights'])}   (of {_gib(t['weights'])})",
+              f"  KV cache     {_gib(d['kv_cache'])}   (of {_gib(t['kv_cache'])})",
+              f"  total        {_gib(d['analytic_peak'])}"]
+    for name, k in plan.get("compiled", {}).items():
+        if name == "backend":
+            continue
+        lines.append(f"compiled     {name} (XLA memory_analysis, {plan['compiled']['backend']}, "
+                     f"{k['compile_seconds']:.1f} s): arguments {_gib(k['argument_bytes'])}, "
+                     f"temporaries {_gib(k['temp_bytes'])}, peak {_gib(k['peak_bytes'])}")
+    if "fits" in plan:
+        head, hbm = plan["headroom_bytes"], plan["topology"]["hbm_bytes"]
+        verdict = (f"FITS, headroom {_gib(head)} ({100 * head / hbm:.0f}% of HBM)" if plan["fits"]
+                   else f"DOES NOT FIT: short by {_gib(-head)}")
+        lines.append(f"memory       {_gib(d['peak'])} of {_gib(hbm)}: {verdict}")
+    lines += [f"note         {n}" for n in plan["notes"]]
+    return "\n".join(lines)
+
+
 def render(plan: dict) -> str:
     """The plan as the screen the user reads."""
+    if plan.get("mode") == "eval":
+        return render_eval(plan)
     c, d, b = plan["config"], plan["per_device"], plan["batch"]
     mesh = ",".join(f"{a}:{s}" for a, s in plan["mesh"].items())
     lines = [f"model        {c['preset'] or 'custom'}{' + LoRA' if c['lora'] else ''}: "
@@ -272,8 +381,13 @@ def main(argv):
         from derta_jax.train.mesh import use_host_cpu_devices
 
         use_host_cpu_devices(count)  # JAX's backends are not started yet
-        plan = make_plan(config, count, topology, compile_step=_COMPILE.value,
-                         compile_on=_COMPILE_ON.value, mfu=_MFU.value)
+        if _EVAL.value:
+            plan = make_eval_plan(config, count, topology, batch_size=_BATCH.value,
+                                  max_new_tokens=_NEW_TOKENS.value, prompt_len=_PROMPT_LEN.value,
+                                  compile_decode=_COMPILE.value, compile_on=_COMPILE_ON.value)
+        else:
+            plan = make_plan(config, count, topology, compile_step=_COMPILE.value,
+                             compile_on=_COMPILE_ON.value, mfu=_MFU.value)
         if not (_DEVICES.value or topology) and -1 in [int(config.mesh[a]) for a in MESH_AXES]:
             plan["notes"].insert(0, f"no --devices or --topology: planned for {count} device(s), "
                                     f"the -1 mesh axis at 1")

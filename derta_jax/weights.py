@@ -245,25 +245,27 @@ class LoadedModel:
 
 
 def load_model(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[str] = None,
-               mesh: Optional[jax.sharding.Mesh] = None,
-               dtype: Optional[str] = None) -> LoadedModel:
+               mesh: Optional[jax.sharding.Mesh] = None, dtype: Optional[str] = None,
+               compute_dtype: Optional[str] = None) -> LoadedModel:
     """An HF model directory or a derta_jax workdir (full or LoRA, any step, local or
     remote) as a plain model. Errors name `path` (the --model flag).
 
     mesh: the weights go straight onto the trainer's shardings on this mesh (an HF
     directory streamed tensor by tensor, a full workdir read shard by shard). dtype:
-    parameters and computation in this dtype (e.g. "bfloat16"; default: as stored)."""
+    parameters in this dtype (e.g. "bfloat16"; default: as stored); compute_dtype:
+    activations (default: `dtype`)."""
     remote = paths.is_remote(path)
 
     def shardings_for(cfg: ModelConfig):
         if mesh is None:
             return None
-        from derta_jax.train.mesh import state_shardings
+        from derta_jax.models.sharding import state_shardings
 
         return nnx.to_pure_dict(state_shardings(abstract_params(cfg), mesh))
 
     def with_dtype(cfg: ModelConfig) -> ModelConfig:
-        return cfg if dtype is None else cfg.replace(dtype=dtype, param_dtype=dtype)
+        params = dtype or cfg.param_dtype
+        return cfg.replace(param_dtype=params, dtype=compute_dtype or dtype or cfg.dtype)
 
     if wd.is_workdir(path):
         cfg = with_dtype(wd.read_model_config(path))

@@ -69,7 +69,7 @@ def test_sharded_generation_equals_one_device(family, request):
 
 
 def test_kv_cache_is_split_over_rows_and_kv_heads(hf_tiny_llama_dir):
-    from derta_jax.train.mesh import kv_cache_shardings
+    from derta_jax.models.sharding import kv_cache_shardings
 
     model = weights.load_model(str(hf_tiny_llama_dir)).model
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "expert": 1})

@@ -79,7 +79,8 @@ def test_evaluate_cli_end_to_end_is_deterministic_and_matches_hf_greedy(tiny_mod
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["model"] == "tiny" and report["n"] == 4
     assert report["setup"] == {"decoding": "greedy", "dtype": "float32", "max_new_tokens": 6,
-                               "mesh": "data:1,fsdp:8,tensor:1,expert:1"}
+                               "mesh": "data:1,fsdp:8,tensor:1,expert:1",
+                               "param_dtype": "float32"}
 
     # on another mesh: the same generations, a report that says which mesh
     assert main(common + ["--out", str(tmp_path / "c"), "--mesh", "data:2,fsdp:2,tensor:2"]) == 0

@@ -18,6 +18,7 @@ from configs import mistral7b, mixtral8x7b_lora, tiny
 from derta_jax import plan as planner
 from derta_jax import weights
 from derta_jax.models import lora
+from derta_jax.models import sharding as sharding_lib
 from derta_jax.train import flops, mesh as mesh_lib, plan_memory
 from derta_jax.train.config import ConfigError, build_model_config
 from derta_jax.train.state import opt_state_shardings
@@ -53,12 +54,12 @@ def test_state_bytes_match_real_sharded_arrays(use_lora):
 
     real_mesh = mesh_lib.make_mesh(config.mesh)
     _, trained, frozen, _ = plan_memory.abstract_parts(config, model_cfg)
-    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(trained, real_mesh))
+    shardings = nnx.to_pure_dict(sharding_lib.state_shardings(trained, real_mesh))
     if use_lora:
         settings = lora.LoraSettings.from_config(config.lora)
         params = weights.init_adapters(model_cfg, settings, 0, shardings)
         base = weights.init_params(model_cfg, 0, nnx.to_pure_dict(
-            mesh_lib.state_shardings(frozen, real_mesh)))
+            sharding_lib.state_shardings(frozen, real_mesh)))
     else:
         params, base = weights.init_params(model_cfg, 0, shardings), {}
     optimizer = make_optimizer(config.optim, 100)
@@ -332,3 +333,54 @@ def test_planner_and_trainer_lower_the_same_step(tmp_path):
     trained = memory(a.lower(a.init_state(), a.load_frozen(), batch))
     assert planned == trained and planned[0] > 0
     assert np.asarray(batch["input_ids"]).shape == (8, 96)
+
+
+# --- evaluation plans (--eval) ---------------------------------------------------------------
+
+def test_eval_plan_counts_weights_and_kv_cache_like_real_arrays():
+    import functools
+
+    from derta_jax.models.attention import init_kv_cache
+
+    config = _tiny(data=2, fsdp=2, tensor=2)
+    plan = planner.make_eval_plan(config, 8, parse_topology("v5e-8"), batch_size=6,
+                                  max_new_tokens=16, prompt_len=32)
+    assert (plan["decode"]["rows"], plan["decode"]["cache_len"]) == (8, 48)  # 6 rows -> 2 x 4
+    model_cfg = build_model_config(config)
+    real_mesh = mesh_lib.make_mesh(config.mesh)
+    params = weights.init_params(model_cfg, 0, nnx.to_pure_dict(
+        sharding_lib.state_shardings(weights.abstract_params(model_cfg), real_mesh)))
+    cache = jax.jit(functools.partial(init_kv_cache, model_cfg, 8, 48),
+                    out_shardings=sharding_lib.kv_cache_shardings(model_cfg, real_mesh, 8, 48))()
+    d = plan["per_device"]
+    assert d["weights"] == _device0_bytes(params)
+    assert d["kv_cache"] == _device0_bytes((cache.k, cache.v))
+    # the compiled loop's arguments: weights + cache + per-row segments and logits (2 rows
+    # per batch shard) + a few scalars
+    k = plan["compiled"]["decode"]
+    rows_here = 8 // 4
+    extra = _device0_bytes(cache.segment_ids) + rows_here * model_cfg.vocab_size * 4
+    assert 0 <= k["argument_bytes"] - (d["weights"] + d["kv_cache"] + extra) < 256
+    assert k["alias_bytes"] > 0  # the carry is donated
+    assert plan["fits"] and d["peak"] == max(c["peak_bytes"] for name, c in
+                                             plan["compiled"].items() if name != "backend")
+
+
+@pytest.mark.parametrize("topology", ["h100x8", "v5p-16"])
+def test_cli_eval_plan_llama3_70b_fits_its_evaluation(topology):
+    done = _cli("--config=configs/llama3_70b_lora.py", f"--topology={topology}", "--eval",
+                "--batch_size=64", "--max_new_tokens=512", "--nocompile", "--format=json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["mode"] == "eval" and plan["fits"]
+    assert 70e9 < plan["params"] < 71e9
+    # bf16 weights split 8 ways; 80 layers x 8 kv heads x 128 x (prompt + 512) slots x 64 rows
+    cache_len = plan["decode"]["prompt_len"] + 512
+    assert plan["total"]["kv_cache"] == 2 * 80 * 64 * cache_len * 8 * 128 * 2
+    assert plan["per_device"]["weights"] * 8 >= plan["total"]["weights"]
+
+
+def test_cli_eval_plan_refuses_a_cache_longer_than_the_model():
+    done = _cli("--config=configs/tiny.py", "--eval", "--max_new_tokens=100000", "--nocompile")
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: --prompt_len + --max_new_tokens = ")

@@ -15,7 +15,8 @@ from derta_jax.train.config import (ConfigError, build_model_config, resolve_mes
 from derta_jax.train.data import load_or_train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from derta_jax.train.mesh import DEFAULT_RULES, logical_to_spec, make_mesh
+from derta_jax.train.mesh import make_mesh
+from derta_jax.models.sharding import DEFAULT_RULES, logical_to_spec
 
 RECIPES = ["tiny", "mistral7b", "llama3_8b", "llama3_70b_lora", "mixtral8x7b_lora",
            "llama3_8b_instruct_chat"]

@@ -279,13 +279,14 @@ def test_dropout_keys_differ_per_module_and_layer():
 def test_adapters_shard_on_the_mesh_like_their_kernels():
     from jax.sharding import PartitionSpec as P
 
+    from derta_jax.models import sharding as sharding_lib
     from derta_jax.train import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2, "expert": 1})
     config = get_preset("tiny", scan_layers=True)
     abstract = nnx.state(weights.abstract_model(config, _settings(), seed=0), nnx.LoRAParam)
     specs = {".".join(map(str, p)): s.get_value().spec
-             for p, s in nnx.to_flat_state(mesh_lib.state_shardings(abstract, mesh))}
+             for p, s in nnx.to_flat_state(sharding_lib.state_shardings(abstract, mesh))}
     # q_proj kernel [layers, embed, heads, head_dim]: A [layers, embed, r], B [layers, r, heads, head_dim]
     assert specs["layers.attn.q_proj.kernel_lora_a"] == P(None, "fsdp", None)
     # the rules leave B replicated over fsdp: the fallback takes head_dim (16), not r (4)
@@ -296,16 +297,16 @@ def test_adapters_shard_on_the_mesh_like_their_kernels():
 
 
 def _adapter_specs(config, settings, mesh, fallback=True):
-    from derta_jax.train import mesh as mesh_lib
+    from derta_jax.models import sharding as sharding_lib
 
     abstract = nnx.state(weights.abstract_model(config, settings, seed=0), nnx.LoRAParam)
     flat = nnx.to_flat_state(abstract)
-    shardings = dict(nnx.to_flat_state(mesh_lib.state_shardings(abstract, mesh)))
+    shardings = dict(nnx.to_flat_state(sharding_lib.state_shardings(abstract, mesh)))
     out = {}
     for path, variable in flat:
         names = variable.get_metadata().get("out_sharding")
         spec = (shardings[path].get_value().spec if fallback else
-                mesh_lib.logical_to_spec(variable.shape, names, mesh))
+                sharding_lib.logical_to_spec(variable.shape, names, mesh))
         out[".".join(map(str, path))] = (variable.shape, spec)
     return out
 
@@ -338,16 +339,17 @@ def test_no_adapter_is_replicated_over_pure_fsdp():
 def test_fsdp_fallback_leaves_indivisible_and_already_sharded_arrays():
     from jax.sharding import PartitionSpec as P
 
+    from derta_jax.models import sharding as sharding_lib
     from derta_jax.train import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1})
-    assert mesh_lib.fsdp_fallback((3, 5), P(), mesh) == P()
-    assert mesh_lib.fsdp_fallback((16, 64), P("fsdp", None), mesh) == P("fsdp", None)
-    assert mesh_lib.fsdp_fallback((16, 64), P(), mesh) == P(None, "fsdp")
-    assert mesh_lib.fsdp_fallback((64, 16), P(), mesh, ("layers", None)) == P(None, "fsdp")
+    assert sharding_lib.fsdp_fallback((3, 5), P(), mesh) == P()
+    assert sharding_lib.fsdp_fallback((16, 64), P("fsdp", None), mesh) == P("fsdp", None)
+    assert sharding_lib.fsdp_fallback((16, 64), P(), mesh) == P(None, "fsdp")
+    assert sharding_lib.fsdp_fallback((64, 16), P(), mesh, ("layers", None)) == P(None, "fsdp")
     one = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1},
                              devices=jax.devices()[:1])
-    assert mesh_lib.fsdp_fallback((16, 64), P(), one) == P()
+    assert sharding_lib.fsdp_fallback((16, 64), P(), one) == P()
 
 
 def _train_lora_on(mesh, steps=3):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from derta_jax.models import sharding as sharding_lib
 from derta_jax.models.attention import KVCache, init_kv_cache
 
 FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop_string", "length"
@@ -99,42 +100,59 @@ def _constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
 
+def carry_shardings(config, mesh: jax.sharding.Mesh, rows: int, cache_len: int) -> DecodeCarry:
+    """Where each part of the carry lives on `mesh`: the KV cache by the rule table
+    (models/sharding.kv_cache_shardings), per-row arrays over the batch axes, the key replicated.
+    Fixed shardings keep every call of `decode_chunk` on one compiled program."""
+    rows2, rows1 = sharding_lib.batch_sharding(mesh), sharding_lib.batch_sharding(mesh, ndim=1)
+    return DecodeCarry(cache=sharding_lib.kv_cache_shardings(config, mesh, rows, cache_len),
+                       logits=rows2, positions=rows1, done=rows1, rng=sharding_lib.replicated(mesh))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
-def _prefill(graphdef, state, ids, positions, segments, cache: KVCache, cache_shardings):
+def prefill(graphdef, state, ids, positions, segments, cache: KVCache,
+            shardings: Optional[DecodeCarry]):
+    """The prompts' keys and values into the cache -> (last position's logits [B, V], cache).
+    This and `decode_chunk` are the programs evaluation runs (and the planner compiles)."""
     model = nnx.merge(graphdef, state)
     hidden, _, cache = model.forward_with_cache(ids, positions, segments, cache)
-    return model.logits(hidden[:, -1:])[:, 0], _constrain(cache, cache_shardings)
+    logits = model.logits(hidden[:, -1:])[:, 0]
+    if shardings is None:
+        return logits, cache
+    return _constrain(logits, shardings.logits), _constrain(cache, shardings.cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7), donate_argnums=(2,))
-def _decode_chunk(graphdef, state, carry: DecodeCarry, steps, chunk: int, temperature: float,
-                  top_p: float, cache_shardings, eos_ids):
+def decode_chunk(graphdef, state, carry: DecodeCarry, steps, chunk: int, temperature: float,
+                 top_p: float, shardings: Optional[DecodeCarry], eos_ids):
     """Up to `steps` (<= chunk) tokens in one compiled loop, stopping early once every row
     is done -> (carry, tokens [B, chunk] of which the first `count` columns are real, count).
 
     Each iteration samples from the carried logits, feeds the token and keeps the next
     logits; rows already done keep stepping (their tokens are ignored by the host)."""
-    model = nnx.merge(graphdef, state)
     batch = carry.logits.shape[0]
 
     def cond(loop):
-        i, carry, _ = loop
+        i, carry, _, _ = loop
         return (i < steps) & ~jnp.all(carry.done)
 
     def body(loop):
-        i, carry, tokens = loop
+        # the weights ride in the loop state (unchanged): the model is merged from this
+        # trace's values, as nnx.scan over layers requires
+        i, carry, tokens, weights = loop
+        model = nnx.merge(graphdef, weights)
         rng, step_rng = jax.random.split(carry.rng)
         token = sample_tokens(carry.logits, step_rng, temperature, top_p)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
         done = carry.done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
         hidden, _, cache = model.forward_with_cache(
             token[:, None], carry.positions[:, None], jnp.ones((batch, 1), jnp.int32), carry.cache)
-        carry = DecodeCarry(_constrain(cache, cache_shardings), model.logits(hidden)[:, 0],
-                            carry.positions + 1, done, rng)
-        return i + 1, carry, tokens
+        carry = _constrain(DecodeCarry(cache, model.logits(hidden)[:, 0], carry.positions + 1,
+                                       done, rng), shardings)
+        return i + 1, carry, tokens, weights
 
-    start = (jnp.zeros((), jnp.int32), carry, jnp.zeros((batch, chunk), jnp.int32))
-    count, carry, tokens = jax.lax.while_loop(cond, body, start)
+    start = (jnp.zeros((), jnp.int32), carry, jnp.zeros((batch, chunk), jnp.int32), state)
+    count, carry, tokens, _ = jax.lax.while_loop(cond, body, start)
     return carry, tokens, count
 
 
@@ -161,7 +179,7 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
              stop_strings: Sequence[str] = (), pad_id: Optional[int] = None,
              rng: Optional[jax.Array] = None, add_special_tokens: bool = True,
              check_every: int = 16, mesh: Optional[jax.sharding.Mesh] = None,
-             width_multiple: int = 1) -> GenerationOutput:
+             width_multiple: int = 1, loop_tokens: Optional[int] = None) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt with a KV cache.
 
     prompts: strings (encoded with `tokenizer`, which needs `encode(text,
@@ -178,7 +196,9 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     derta_jax.weights.load_model(mesh=...)): rows are split over its batch axes (data,
     fsdp; the batch is padded with dummy rows to a multiple), the KV cache too, and kv
     heads over `tensor`. width_multiple: pad prompts to a multiple of this width, so that
-    batches of similar lengths share one compiled program.
+    batches of similar lengths share one compiled program. loop_tokens: tokens per compiled
+    call (default: all of them, or `check_every` with stop strings; 1 = one dispatch per
+    token, the benchmark's baseline).
     """
     config = model.config
     if max_new_tokens < 1:
@@ -186,9 +206,9 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1, "
                          f"got temperature={temperature}, top_p={top_p}")
-    if check_every < 1 or width_multiple < 1:
-        raise ValueError(f"generate: check_every={check_every} and width_multiple="
-                         f"{width_multiple} must be >= 1")
+    if check_every < 1 or width_multiple < 1 or (loop_tokens is not None and loop_tokens < 1):
+        raise ValueError(f"generate: check_every={check_every}, width_multiple="
+                         f"{width_multiple} and loop_tokens={loop_tokens} must be >= 1")
     if stop_strings and tokenizer is None:
         raise ValueError("generate: stop_strings need a tokenizer to decode the output")
     if prompts and isinstance(prompts[0], str):
@@ -209,18 +229,18 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     ids, positions, segments = left_pad(padded, pad_id,
                                         _round_up(max(map(len, padded)), width_multiple))
     width = ids.shape[1]
-    chunk = min(check_every, max_new_tokens) if stop_strings else max_new_tokens
+    chunk = min(loop_tokens or (check_every if stop_strings else max_new_tokens), max_new_tokens)
     graphdef, state = nnx.split(model)
     inputs = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments))
     done = jnp.asarray(np.arange(rows) >= real_rows)
-    cache_shardings = None
+    next_positions = jnp.asarray([len(p) for p in padded], jnp.int32)
+    shardings = None
     context = contextlib.nullcontext()
     if mesh is not None:
-        from derta_jax.train import mesh as mesh_lib
-
-        cache_shardings = mesh_lib.kv_cache_shardings(config, mesh, rows, width + max_new_tokens)
-        inputs = jax.device_put(inputs, mesh_lib.batch_sharding(mesh))
-        done = jax.device_put(done, mesh_lib.batch_sharding(mesh, ndim=1))
+        shardings = carry_shardings(config, mesh, rows, width + max_new_tokens)
+        inputs = jax.device_put(inputs, sharding_lib.batch_sharding(mesh))
+        done, next_positions, rng = jax.device_put(
+            (done, next_positions, rng), (shardings.done, shardings.positions, shardings.rng))
         context = jax.set_mesh(mesh)
     eos_ids = jnp.asarray(sorted(eos), jnp.int32).reshape(-1)
 
@@ -228,16 +248,15 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     finish: list[Optional[str]] = [None] * real_rows
     with context:
         cache = jax.jit(functools.partial(init_kv_cache, config, rows, width + max_new_tokens),
-                        out_shardings=cache_shardings)()
-        logits, cache = _prefill(graphdef, state, *inputs, cache, cache_shardings)
-        next_positions = jnp.asarray([len(p) for p in padded], jnp.int32)
+                        out_shardings=None if shardings is None else shardings.cache)()
+        logits, cache = prefill(graphdef, state, *inputs, cache, shardings)
         carry = DecodeCarry(cache, logits, next_positions, done, rng)
         remaining = max_new_tokens
         while remaining > 0:
-            carry, tokens, count = _decode_chunk(graphdef, state, carry,
-                                                 jnp.asarray(min(chunk, remaining), jnp.int32),
-                                                 chunk, float(temperature), float(top_p),
-                                                 cache_shardings, eos_ids)
+            carry, tokens, count = decode_chunk(graphdef, state, carry,
+                                                jnp.asarray(min(chunk, remaining), jnp.int32),
+                                                chunk, float(temperature), float(top_p),
+                                                shardings, eos_ids)
             count = int(count)
             stopped = _absorb(np.asarray(tokens)[:real_rows, :count], generated, finish, eos,
                               tokenizer, stop_strings)
@@ -247,7 +266,10 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
             if stopped:
                 mask = np.zeros(rows, bool)
                 mask[stopped] = True
-                carry = carry._replace(done=carry.done | jnp.asarray(mask))
+                done = carry.done | jnp.asarray(mask)
+                if shardings is not None:
+                    done = jax.device_put(done, shardings.done)
+                carry = carry._replace(done=done)
 
     finish = [f or FINISH_LENGTH for f in finish]
     texts = None
@@ -258,7 +280,7 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
 
 
 def _batch_shards(mesh: jax.sharding.Mesh) -> int:
-    from derta_jax.train.mesh import BATCH_AXES
+    from derta_jax.models.sharding import BATCH_AXES
 
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 

@@ -1,50 +1,20 @@
-"""The device mesh and the logical-axis rules: sharding is declared, not hand-placed.
+"""The device mesh of a run: four named axes (data, fsdp, tensor, expert) over the devices.
 
-Parameters carry logical axis names (embed, vocab, heads, ...); a short rule table maps
-each name to mesh axes (data, fsdp, tensor, expert). The same code then runs on 1 CPU,
-8 fake CPU devices, a GPU node or a TPU pod: only the mesh shape changes.
-
-Default rules are FSDP + optional tensor parallelism:
-  - the embed dimension of every weight is sharded over `fsdp` (ZeRO-3 style),
-  - heads / kv_heads / mlp / vocab over `tensor`,
-  - experts over `expert`,
-  - the batch over (data, fsdp).
-A dimension whose size the mesh axes do not divide is replicated instead (and reported by
-`describe_shardings`), so small test models still run on 8 devices.
-
-LoRA adapters (nnx.LoRAParam) have a small unnamed rank axis, so the rules often leave an
-adapter replicated over `fsdp` (B of q_proj, A of down_proj: most adapter bytes under pure
-FSDP). For them a fallback shards the largest dimension that `fsdp` divides, never the
-scanned `layers` axis (`fsdp_fallback`).
+How arrays are laid out on it (the logical-axis rules) is derta_jax/models/sharding.py;
+this module makes the mesh from a run's config and keeps commands that only prepare off
+accelerators.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from derta_jax.train.config import MESH_AXES, resolve_mesh_shape
-
-# logical axis name -> mesh axes (a tuple: a dimension may be split over several axes).
-DEFAULT_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "vocab": ("tensor",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "experts": ("expert",),
-    "head_dim": (),
-    "layers": (),
-    "length": (),
-}
-
-BATCH_AXES = ("data", "fsdp")
 
 
 def use_host_cpu_devices(count: int) -> None:
@@ -71,105 +41,3 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Optional[Sequence[Any]] =
     shape = tuple(sizes[a] for a in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-
-
-def _mesh_axes_for(dim: int, logical: Optional[str], mesh: Mesh,
-                   rules: Mapping[str, Sequence[str]], used: set) -> Any:
-    if logical is None:
-        return None
-    if logical not in rules:
-        raise KeyError(f"logical axis {logical!r} has no sharding rule; known: {sorted(rules)}")
-    axes = tuple(a for a in rules[logical] if a not in used and mesh.shape[a] > 1)
-    if not axes:
-        return None
-    if dim % math.prod(mesh.shape[a] for a in axes) != 0:
-        return None  # uneven split: replicate this dimension
-    used.update(axes)
-    return axes[0] if len(axes) == 1 else axes
-
-
-def logical_to_spec(shape: Sequence[int], logical_axes: Optional[Sequence[Optional[str]]],
-                    mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> P:
-    """PartitionSpec for one array from its logical axis names (None = replicated)."""
-    if not logical_axes:
-        return P()
-    if len(logical_axes) != len(shape):
-        raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
-    used: set = set()
-    return P(*(_mesh_axes_for(d, name, mesh, rules, used) for d, name in zip(shape, logical_axes)))
-
-
-def _uses(entry: Any, axis: str) -> bool:
-    return entry == axis or (isinstance(entry, tuple) and axis in entry)
-
-
-def fsdp_fallback(shape: Sequence[int], spec: P, mesh: Mesh,
-                  logical_axes: Optional[Sequence[Optional[str]]] = None) -> P:
-    """`spec`, or when it leaves the array replicated over `fsdp`, `spec` with `fsdp` on the
-    largest still unsharded dimension that it divides (not `layers`: scan slices that one)."""
-    size = mesh.shape.get("fsdp", 1)
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    if size <= 1 or any(_uses(e, "fsdp") for e in entries):
-        return spec
-    names = list(logical_axes) if logical_axes else [None] * len(shape)
-    free = [i for i, dim in enumerate(shape)
-            if entries[i] is None and dim % size == 0 and names[i] != "layers"]
-    if not free:
-        return spec
-    entries[max(free, key=lambda i: (shape[i], -i))] = "fsdp"  # largest; first on a tie
-    return P(*entries)
-
-
-def _logical_names(variable: Any) -> Optional[tuple]:
-    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
-    for key in ("out_sharding", "sharding_names", "sharding"):
-        names = meta.get(key)
-        if names is not None:
-            return tuple(names)
-    return None
-
-
-def state_shardings(abstract_state: Any, mesh: Mesh,
-                    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for an nnx.State (of Variables) from their logical-axis metadata
-    (LoRA adapters with the `fsdp_fallback`)."""
-    from flax import nnx
-
-    def one(variable):
-        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
-        names = _logical_names(variable)
-        spec = logical_to_spec(value.shape, names, mesh, rules)
-        if isinstance(variable, nnx.LoRAParam):
-            spec = fsdp_fallback(value.shape, spec, mesh, names)
-        return variable.replace(NamedSharding(mesh, spec))
-
-    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch arrays [B, T, ...]: the batch dimension over (data, fsdp), the rest replicated."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape[a] > 1)
-    lead = axes if len(axes) > 1 else (axes[0] if axes else None)
-    return NamedSharding(mesh, P(lead, *([None] * (ndim - 1))))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-KV_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
-
-
-def kv_cache_shardings(model_config: Any, mesh: Mesh, batch_size: int, max_len: int,
-                       rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> Any:
-    """A KVCache of NamedShardings: rows over the batch axes (data, fsdp), kv heads over
-    `tensor`, by the same rules as the weights (a size the axes do not divide stays whole)."""
-    from derta_jax.models.attention import KVCache
-
-    kv_shape = (model_config.num_layers, batch_size, max_len, model_config.num_kv_heads,
-                model_config.head_dim)
-    kv = NamedSharding(mesh, logical_to_spec(kv_shape, KV_CACHE_AXES, mesh, rules))
-    segments = NamedSharding(mesh, logical_to_spec((batch_size, max_len), ("batch", "length"),
-                                                   mesh, rules))
-    return KVCache(k=kv, v=kv, segment_ids=segments, index=replicated(mesh))
-

@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
 from derta_jax.models.config import ModelConfig
-from derta_jax.train import mesh as mesh_lib
+from derta_jax.models import sharding as sharding_lib
 from derta_jax.train.config import MESH_AXES
 
 GIB = 2.0**30
@@ -39,7 +39,7 @@ def per_device_bytes(shape, dtype, sharding: NamedSharding) -> int:
 
 def params_per_device(params: nnx.State, mesh) -> tuple[int, int, int]:
     """(parameter count, total bytes, bytes per device) under the trainer's rules."""
-    shardings = jax.tree.leaves(nnx.to_pure_dict(mesh_lib.state_shardings(params, mesh)))
+    shardings = jax.tree.leaves(nnx.to_pure_dict(sharding_lib.state_shardings(params, mesh)))
     leaves = jax.tree.leaves(nnx.to_pure_dict(params))
     count = sum(math.prod(a.shape) for a in leaves)
     total = sum(math.prod(a.shape) * a.dtype.itemsize for a in leaves)
@@ -82,7 +82,7 @@ def opt_state_per_device(config: ml_collections.ConfigDict, trained: nnx.State, 
 
     optimizer = make_optimizer(config.optim, 1000)
     pure = nnx.to_pure_dict(trained)
-    shardings = nnx.to_pure_dict(mesh_lib.state_shardings(trained, mesh))
+    shardings = nnx.to_pure_dict(sharding_lib.state_shardings(trained, mesh))
     abstract = jax.eval_shape(optimizer.init, pure)
     opt_shardings = opt_state_shardings(optimizer, pure, shardings, mesh)
     return sum(per_device_bytes(a.shape, a.dtype, s) for a, s in

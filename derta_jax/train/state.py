@@ -34,7 +34,7 @@ from derta_jax import weights
 from derta_jax import workdir as wd
 from derta_jax.models import lora
 from derta_jax.models.config import ModelConfig
-from derta_jax.train import mesh as mesh_lib
+from derta_jax.models import sharding as sharding_lib
 from derta_jax.train.config import build_model_config, loss_config
 from derta_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from derta_jax.train.step import BATCH_KEYS, LossFunction, TrainState, derta_loss_function, make_train_step
@@ -47,7 +47,7 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_pure: 
                         param_shardings: Any, mesh) -> Any:
     """Shardings of `optimizer`'s state: moments shard like their parameters, scalars
     (step counts) are replicated. `abstract_pure`: the trained params as a pure dict."""
-    rep = mesh_lib.replicated(mesh)
+    rep = sharding_lib.replicated(mesh)
     return optax.tree_map_params(optimizer, lambda _, sharding: sharding,
                                  jax.eval_shape(optimizer.init, abstract_pure), param_shardings,
                                  transform_non_params=lambda _: rep)
@@ -185,17 +185,17 @@ def assemble(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_s
     model_cfg = model_cfg or build_model_config(config)
     settings = lora.LoraSettings.from_config(config.lora) if config.lora.enabled else None
     graphdef, trained, frozen_base, rest = weights.abstract_parts(model_cfg, config.seed, settings)
-    param_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(trained, mesh))
+    param_shardings = nnx.to_pure_dict(sharding_lib.state_shardings(trained, mesh))
     abstract_params = nnx.to_pure_dict(trained)
     optimizer = make_optimizer(config.optim, total_steps)
-    rep = mesh_lib.replicated(mesh)
+    rep = sharding_lib.replicated(mesh)
     state_shardings = TrainState(rep, param_shardings, opt_state_shardings(
         optimizer, abstract_params, param_shardings, mesh), rep)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
     if frozen_base is None:
         frozen_shardings, abstract_frozen = None, nnx.to_pure_dict(rest)
     else:
-        frozen_shardings = nnx.to_pure_dict(mesh_lib.state_shardings(frozen_base, mesh))
+        frozen_shardings = nnx.to_pure_dict(sharding_lib.state_shardings(frozen_base, mesh))
         abstract_frozen = nnx.to_pure_dict(frozen_base)
     micro_spec = NamedSharding(mesh, PartitionSpec(*batch_sharding.spec))
 
