@@ -238,6 +238,10 @@ def make_eval_plan(config: Any, num_devices: int, topology: Optional[Any] = None
             model_cfg, mesh_lib.make_mesh(sizes, devices), shape)
         plan["compiled"] = dict(compiled, backend=backend)
         peak = max(c["peak_bytes"] for c in compiled.values())
+        if backend.startswith("cpu") and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
+            notes.append("XLA:CPU runs bf16 matmuls in f32 and may keep an f32 copy of bf16 "
+                         "weights (up to 2x their bytes) that TPU/GPU do not: the compiled peak "
+                         "is an upper bound, the analytic total a lower one")
     plan["per_device"]["peak"] = peak
     if topology is not None:
         plan["topology"] = {"name": topology.name, "device_kind": topology.device_kind,

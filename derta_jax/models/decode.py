@@ -133,14 +133,14 @@ def decode_chunk(graphdef, state, carry: DecodeCarry, steps, chunk: int, tempera
     batch = carry.logits.shape[0]
 
     def cond(loop):
-        i, carry, _, _ = loop
+        i, carry, _ = loop
         return (i < steps) & ~jnp.all(carry.done)
 
     def body(loop):
-        # the weights ride in the loop state (unchanged): the model is merged from this
-        # trace's values, as nnx.scan over layers requires
-        i, carry, tokens, weights = loop
-        model = nnx.merge(graphdef, weights)
+        i, carry, tokens = loop
+        # new Variables in this trace (nnx.scan over layers refuses an outer trace's); the
+        # weights stay loop constants, not loop state (which XLA would copy)
+        model = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))
         rng, step_rng = jax.random.split(carry.rng)
         token = sample_tokens(carry.logits, step_rng, temperature, top_p)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
@@ -149,10 +149,10 @@ def decode_chunk(graphdef, state, carry: DecodeCarry, steps, chunk: int, tempera
             token[:, None], carry.positions[:, None], jnp.ones((batch, 1), jnp.int32), carry.cache)
         carry = _constrain(DecodeCarry(cache, model.logits(hidden)[:, 0], carry.positions + 1,
                                        done, rng), shardings)
-        return i + 1, carry, tokens, weights
+        return i + 1, carry, tokens
 
-    start = (jnp.zeros((), jnp.int32), carry, jnp.zeros((batch, chunk), jnp.int32), state)
-    count, carry, tokens, _ = jax.lax.while_loop(cond, body, start)
+    start = (jnp.zeros((), jnp.int32), carry, jnp.zeros((batch, chunk), jnp.int32))
+    count, carry, tokens = jax.lax.while_loop(cond, body, start)
     return carry, tokens, count
 
 
