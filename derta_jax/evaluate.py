@@ -20,6 +20,8 @@ The model is evaluated on a device mesh, as training runs (--mesh, default fsdp 
 device): its weights go straight onto the trainer's shardings, the prompts of a batch and
 the KV cache are split over the batch axes (data, fsdp) and kv heads over tensor.
 Decoding is one compiled loop per batch; batches group prompts of similar length.
+
+Not done: several processes (a multi-host slice); evaluate uses one process's devices.
 """
 
 from __future__ import annotations

@@ -248,6 +248,9 @@ def make_eval_plan(config: Any, num_devices: int, topology: Optional[Any] = None
                             "hbm_bytes": topology.hbm_bytes, "peak_flops": topology.peak_flops}
         plan["fits"] = peak <= topology.hbm_bytes
         plan["headroom_bytes"] = topology.hbm_bytes - peak
+        if topology.is_tpu:
+            notes.append("evaluate runs as one process today: it uses the devices of one host, "
+                         "so a slice of several hosts cannot yet be evaluated as planned here")
     return plan
 
 

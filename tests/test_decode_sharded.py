@@ -90,3 +90,26 @@ def test_wider_padding_changes_nothing(hf_tiny_mistral_dir):
     ids, _, segments = decode.left_pad(PROMPTS, 0, width=16)
     assert ids.shape == (3, 16) and segments.sum() == sum(map(len, PROMPTS))
     np.testing.assert_array_equal(ids[1, -3:], PROMPTS[1])
+
+
+def test_each_program_compiles_once_across_chunks_and_calls(hf_tiny_llama_dir):
+    """Three calls of the loop per generate (loop_tokens=5 of 12): on one device the first
+    generate adds at most one entry to each program's cache (the carry is placed as the loop
+    returns it, so the 2nd and 3rd chunk reuse the 1st chunk's program), and on one device
+    or a mesh a second generate adds none; the caller's key survives the loop's donation."""
+    mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1})
+    programs = (decode._empty_cache, decode.prefill, decode.decode_chunk)
+    for where in (None, mesh):
+        model = weights.load_model(str(hf_tiny_llama_dir), mesh=where).model
+        key = jax.random.key(3)
+        sizes, outputs = [[program._cache_size() for program in programs]], []
+        for _ in range(2):
+            outputs.append(decode.generate(model, PROMPTS, max_new_tokens=12, eos_token_ids=[],
+                                           loop_tokens=5, mesh=where, rng=key,
+                                           temperature=1.0).tokens)
+            sizes.append([program._cache_size() for program in programs])
+        if where is None:  # (none when an earlier test compiled the same shapes)
+            assert all(after - before <= 1 for before, after in zip(sizes[0], sizes[1]))
+        assert sizes[2] == sizes[1], where
+        assert outputs[0] == outputs[1]  # same key, same samples
+        jax.random.split(key)  # not deleted

@@ -16,7 +16,7 @@ COMMANDS = {"derta_jax.convert", "derta_jax.export", "derta_jax.evaluate", "dert
 LIBRARY_DIRS = ("data", "models", "hf", "eval")
 LIBRARY_FILES = ("paths.py", "workdir.py", "weights.py", "loss.py", "train/state.py",
                  "train/step.py", "train/plan_compile.py", "train/plan_memory.py",
-                 "train/data.py", "train/config.py", "train/mesh.py")
+                 "train/data.py", "train/config.py", "train/mesh.py", "train/plan_decode.py")
 
 
 def _module_name(path: pathlib.Path) -> str:

@@ -377,7 +377,9 @@ def test_cli_eval_plan_llama3_70b_fits_its_evaluation(topology):
     # bf16 weights split 8 ways; 80 layers x 8 kv heads x 128 x (prompt + 512) slots x 64 rows
     cache_len = plan["decode"]["prompt_len"] + 512
     assert plan["total"]["kv_cache"] == 2 * 80 * 64 * cache_len * 8 * 128 * 2
-    assert plan["per_device"]["weights"] * 8 >= plan["total"]["weights"]
+    # split 8 ways over fsdp (the few arrays fsdp does not divide, like norms, stay whole)
+    assert plan["total"]["weights"] / 8 <= plan["per_device"]["weights"] <= (
+        plan["total"]["weights"] / 8 * 1.001)
 
 
 def test_cli_eval_plan_refuses_a_cache_longer_than_the_model():

@@ -258,6 +258,10 @@ def test_two_processes_start_from_a_bucket_workdir(tmp_path, small_tokenizer):
     both = sum(_overlap(read[0][name], read[1].get(name, [])) for name in read[0])
     each = [sum(end - first for spans in r.values() for first, end in spans) for r in read]
     print("bytes read per process", each, "in common", both, "stored", stored)
-    assert all(0.2 * stored < n < 0.75 * stored for n in each), (each, both, stored)
-    assert both < 0.25 * stored, (both, each, stored)
+    # one chunk per array (the old layout) reads 100% per process, 100% in common. Measured
+    # with chunks: run alone 57% / 50% per process, 7% in common; in the full suite on 2
+    # loaded cores 69% / 57%, 26% in common: tensorstore merges the pending reads of one
+    # file whose gaps are under 1 MB, and more reads are pending when the server is slow
+    assert all(0.2 * stored < n < 0.9 * stored for n in each), (each, both, stored)
+    assert both < 0.5 * stored, (both, each, stored)
     assert _losses(tmp_path / "pod") == pytest.approx(_losses(tmp_path / "local"), rel=1e-5)

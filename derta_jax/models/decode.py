@@ -109,6 +109,18 @@ def carry_shardings(config, mesh: jax.sharding.Mesh, rows: int, cache_len: int) 
                        logits=rows2, positions=rows1, done=rows1, rng=sharding_lib.replicated(mesh))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _empty_cache(config, rows: int, length: int, shardings: Optional[DecodeCarry]) -> KVCache:
+    cache = init_kv_cache(config, rows, length)
+    return cache if shardings is None else _constrain(cache, shardings.cache)
+
+
+def _own_key(rng: jax.Array) -> jax.Array:
+    """A copy of the caller's key: the decode loop donates its carry, key included."""
+    return jax.random.wrap_key_data(jnp.array(jax.random.key_data(rng), copy=True),
+                                    impl=jax.random.key_impl(rng))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
 def prefill(graphdef, state, ids, positions, segments, cache: KVCache,
             shardings: Optional[DecodeCarry]):
@@ -221,7 +233,7 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
         eos_token_ids = [] if config.eos_token_id is None else [config.eos_token_id]
     eos = set(int(e) for e in eos_token_ids)
     pad_id = pad_id if pad_id is not None else (config.pad_token_id or 0)
-    rng = rng if rng is not None else jax.random.key(0)
+    rng = _own_key(rng) if rng is not None else jax.random.key(0)
 
     real_rows = len(prompt_ids)
     rows = real_rows if mesh is None else _round_up(real_rows, _batch_shards(mesh))
@@ -236,7 +248,10 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     next_positions = jnp.asarray([len(p) for p in padded], jnp.int32)
     shardings = None
     context = contextlib.nullcontext()
-    if mesh is not None:
+    if mesh is None:  # committed like the loop's outputs: every call reuses one program
+        inputs, done, next_positions, rng = jax.device_put(
+            (inputs, done, next_positions, rng), jax.devices()[0])
+    else:
         shardings = carry_shardings(config, mesh, rows, width + max_new_tokens)
         inputs = jax.device_put(inputs, sharding_lib.batch_sharding(mesh))
         done, next_positions, rng = jax.device_put(
@@ -247,8 +262,7 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     generated: list[list[int]] = [[] for _ in range(real_rows)]
     finish: list[Optional[str]] = [None] * real_rows
     with context:
-        cache = jax.jit(functools.partial(init_kv_cache, config, rows, width + max_new_tokens),
-                        out_shardings=None if shardings is None else shardings.cache)()
+        cache = _empty_cache(config, rows, width + max_new_tokens, shardings)
         logits, cache = prefill(graphdef, state, *inputs, cache, shardings)
         carry = DecodeCarry(cache, logits, next_positions, done, rng)
         remaining = max_new_tokens
