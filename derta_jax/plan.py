@@ -164,17 +164,11 @@ def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
         plan["compiled"] = dict(dataclass_dict(compiled), peak_bytes=compiled.peak_bytes,
                                 backend=backend)
         peak = compiled.peak_bytes
-        if backend.startswith("cpu") and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
-            notes.append("XLA:CPU runs bf16 matmuls in f32 and may keep an f32 copy of bf16 "
-                         "weights (up to 2x their bytes) that TPU/GPU do not: the compiled peak "
-                         "is an upper bound, the analytic total a lower one")
+        notes += _cpu_bf16_notes(backend, model_cfg)
     plan["per_device"]["peak"] = peak
     if topology is not None:
-        plan["topology"] = {"name": topology.name, "device_kind": topology.device_kind,
-                            "hbm_bytes": topology.hbm_bytes, "peak_flops": topology.peak_flops}
-        plan["fits"] = peak <= topology.hbm_bytes
+        _fit(plan, topology, peak)
         plan["fits_analytic"] = plan["per_device"]["analytic_peak"] <= topology.hbm_bytes
-        plan["headroom_bytes"] = topology.hbm_bytes - peak
         if not topology.is_tpu:
             notes.append("GPU: JAX preallocates 75% of memory by default; set "
                          "XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 to use what the plan counts")
@@ -238,20 +232,30 @@ def make_eval_plan(config: Any, num_devices: int, topology: Optional[Any] = None
             model_cfg, mesh_lib.make_mesh(sizes, devices), shape)
         plan["compiled"] = dict(compiled, backend=backend)
         peak = max(c["peak_bytes"] for c in compiled.values())
-        if backend.startswith("cpu") and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
-            notes.append("XLA:CPU runs bf16 matmuls in f32 and may keep an f32 copy of bf16 "
-                         "weights (up to 2x their bytes) that TPU/GPU do not: the compiled peak "
-                         "is an upper bound, the analytic total a lower one")
+        notes += _cpu_bf16_notes(backend, model_cfg)
     plan["per_device"]["peak"] = peak
     if topology is not None:
-        plan["topology"] = {"name": topology.name, "device_kind": topology.device_kind,
-                            "hbm_bytes": topology.hbm_bytes, "peak_flops": topology.peak_flops}
-        plan["fits"] = peak <= topology.hbm_bytes
-        plan["headroom_bytes"] = topology.hbm_bytes - peak
+        _fit(plan, topology, peak)
         if topology.is_tpu:
             notes.append("evaluate runs as one process today: it uses the devices of one host, "
                          "so a slice of several hosts cannot yet be evaluated as planned here")
     return plan
+
+
+def _fit(plan: dict, topology: Any, peak: int) -> None:
+    """The topology, and whether `peak` bytes per device fit its memory, into `plan`."""
+    plan["topology"] = {"name": topology.name, "device_kind": topology.device_kind,
+                        "hbm_bytes": topology.hbm_bytes, "peak_flops": topology.peak_flops}
+    plan["fits"] = peak <= topology.hbm_bytes
+    plan["headroom_bytes"] = topology.hbm_bytes - peak
+
+
+def _cpu_bf16_notes(backend: str, model_cfg: Any) -> list:
+    if backend.startswith("cpu") and "bfloat16" in (model_cfg.param_dtype, model_cfg.dtype):
+        return ["XLA:CPU runs bf16 matmuls in f32 and may keep an f32 copy of bf16 weights "
+                "(up to 2x their bytes) that TPU/GPU do not: the compiled peak is an upper "
+                "bound, the analytic total a lower one"]
+    return []
 
 
 def _compile_devices(compile_on: str, topology: Optional[Any], num_devices: int,
@@ -285,6 +289,13 @@ def _gib(n: float) -> str:
     return f"{n / GIB:,.2f} GiB"
 
 
+def _device_lines(plan: dict) -> list:
+    if "topology" not in plan:
+        return []
+    t = plan["topology"]
+    return [f"device       {t['name']}: {t['device_kind']}, {_gib(t['hbm_bytes'])} each"]
+
+
 def render_eval(plan: dict) -> str:
     """The evaluation plan as the screen the user reads."""
     c, d, e, t = plan["config"], plan["per_device"], plan["decode"], plan["total"]
@@ -295,9 +306,7 @@ def render_eval(plan: dict) -> str:
              f"mesh         {mesh} on {plan['devices']} devices",
              f"decode       {e['rows']} rows x ({e['prompt_len']} prompt + {e['max_new_tokens']} "
              f"new tokens) = KV cache of {e['cache_len']} slots"]
-    if "topology" in plan:
-        top = plan["topology"]
-        lines.append(f"device       {top['name']}: {top['device_kind']}, {_gib(top['hbm_bytes'])} each")
+    lines += _device_lines(plan)
     lines += ["per device   (analytic: the trainer's shardings, the decoder's KV cache shardings)",
               f"  weights      {_gib(d['weights'])}   (of {_gib(t['weights'])})",
               f"  KV cache     {_gib(d['kv_cache'])}   (of {_gib(t['kv_cache'])})",
@@ -328,9 +337,7 @@ def render(plan: dict) -> str:
              f"(params {c['param_dtype']}, compute {c['dtype']}, remat {c['remat_policy']}, "
              f"scan_layers {c['scan_layers']})",
              f"mesh         {mesh} on {plan['devices']} devices"]
-    if "topology" in plan:
-        t = plan["topology"]
-        lines.append(f"device       {t['name']}: {t['device_kind']}, {_gib(t['hbm_bytes'])} each")
+    lines += _device_lines(plan)
     lines += ["per device   (analytic, from eval_shape + the trainer's shardings)",
               f"  params       {_gib(d['params'])}",
               f"  grads        {_gib(d['grads'])}   (accumulator + one micro-batch)",

@@ -372,7 +372,6 @@ def _train_lora_on(mesh, steps=3):
     for _ in range(steps):
         state, metrics = a.step(state, base_params, batch)
         losses.append(float(metrics["loss"]))
-    assert a.jitted._cache_size() == 1  # the first call's state is placed as the step returns it
     return losses, jax.tree.map(np.asarray, state.params), a.state_shardings.params
 
 
