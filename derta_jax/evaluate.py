@@ -51,16 +51,12 @@ def _depths(text: str) -> tuple[int, ...]:
 def _mesh(text: str) -> dict:
     """--mesh=AXIS:SIZE,... -> {axis: size} over the four mesh axes (unnamed axes: 1)."""
     from derta_jax.train.config import MESH_AXES
+    from derta_jax.train.mesh import parse_mesh
 
-    sizes = {axis: 1 for axis in MESH_AXES}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        axis, _, size = part.partition(":")
-        if axis not in MESH_AXES or not size.lstrip("-").isdigit():
-            raise argparse.ArgumentTypeError(
-                f"--mesh={text!r}: expected AXIS:SIZE,... with AXIS one of "
-                f"{', '.join(MESH_AXES)} and SIZE an integer (-1: the rest), e.g. fsdp:8")
-        sizes[axis] = int(size)
-    return sizes
+    try:
+        return {axis: 1 for axis in MESH_AXES} | parse_mesh(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

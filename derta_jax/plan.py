@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import sys
 from typing import Any, Optional
 
@@ -65,17 +64,6 @@ _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 0, "--eval: prompt tokens (padd
 
 class PlanError(ValueError):
     """Bad planner flags (the config's own errors are ConfigError)."""
-
-
-def parse_mesh(text: str) -> dict:
-    """'data:1,fsdp:8' -> {'data': 1, 'fsdp': 8}."""
-    sizes = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        match = re.fullmatch(r"(\w+)[:=](-?\d+)", part)
-        if not match or match.group(1) not in MESH_AXES:
-            raise PlanError(f"--mesh={text}: {part!r} is not AXIS:SIZE with AXIS in {MESH_AXES}")
-        sizes[match.group(1)] = int(match.group(2))
-    return sizes
 
 
 def plan_device_count(config: Any, topology_devices: int, devices: int) -> int:
@@ -386,6 +374,8 @@ def main(argv):
 
     try:
         config = copy.deepcopy(_CONFIG.value)
+        from derta_jax.train.mesh import parse_mesh
+
         for axis, size in parse_mesh(_MESH.value).items():
             config.mesh[axis] = size
         topology = parse_topology(_TOPOLOGY.value) if _TOPOLOGY.value else None

@@ -116,8 +116,8 @@ def test_evaluate_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "o5").exists()
     with pytest.raises(SystemExit):
         main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
-              "--out", str(tmp_path / "o6"), "--mesh", "fsdp=8"])
-    assert "--mesh='fsdp=8': expected AXIS:SIZE" in capsys.readouterr().err
+              "--out", str(tmp_path / "o6"), "--mesh", "fsdq:8"])
+    assert "--mesh=fsdq:8: 'fsdq:8' is not AXIS:SIZE" in capsys.readouterr().err
 
 
 def test_judge_items_batches_by_length_and_returns_item_order():

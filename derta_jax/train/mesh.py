@@ -17,6 +17,17 @@ from jax.sharding import Mesh
 from derta_jax.train.config import MESH_AXES, resolve_mesh_shape
 
 
+def parse_mesh(text: str) -> dict:
+    """--mesh=data:1,fsdp:8 -> {"data": 1, "fsdp": 8} (only the axes named; -1 = the rest)."""
+    sizes = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        match = re.fullmatch(r"(\w+)[:=](-?\d+)", part)
+        if not match or match.group(1) not in MESH_AXES:
+            raise ValueError(f"--mesh={text}: {part!r} is not AXIS:SIZE with AXIS in {MESH_AXES}")
+        sizes[match.group(1)] = int(match.group(2))
+    return sizes
+
+
 def use_host_cpu_devices(count: int) -> None:
     """Before JAX's backends start: this process computes on `count` host CPU devices only.
 
