@@ -74,7 +74,7 @@ def test_kv_cache_is_split_over_rows_and_kv_heads(hf_tiny_llama_dir):
     model = weights.load_model(str(hf_tiny_llama_dir)).model
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "expert": 1})
     shardings = kv_cache_shardings(model.config, mesh, batch_size=4, max_len=16)
-    assert tuple(shardings.k.spec) == (None, ("data", "fsdp"), None, "tensor", None)
+    assert tuple(shardings.k.spec) == (None, ("data", "fsdp"), "tensor", None, None)
     assert tuple(shardings.segment_ids.spec) == (("data", "fsdp"), None)
     # 3 rows do not split over 2 x 2 batch shards: the cache keeps them whole
     assert tuple(kv_cache_shardings(model.config, mesh, 3, 16).k.spec)[1] is None

@@ -168,3 +168,28 @@ def test_generate_rejects_bad_arguments(hf_tiny_mistral_dir):
     with pytest.raises(ValueError, match=r"^generate: need temperature >= 0 and 0 < top_p <= 1, "
                                          r"got temperature=1.0, top_p=0.0$"):
         decode.generate(model, [[1, 2]], temperature=1.0, top_p=0.0)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_decode_loop_writes_the_cache_in_place(hf_tiny_llama_dir, scan_layers):
+    """The compiled decode loop neither copies nor transposes the KV cache: each layer
+    writes its new slots into the whole cache, and attention reads the cache in its own
+    layout (a cache sliced and re-stacked per layer was copied about six times a token)."""
+    import re
+
+    model, config = jax_model_from_hf_dir(hf_tiny_llama_dir, scan_layers=scan_layers)
+    graphdef, state = nnx.split(model)
+    rows, length = 4, 64
+    cache = init_kv_cache(config, rows, length)
+    carry = decode.DecodeCarry(cache, jnp.zeros((rows, config.vocab_size), jnp.float32),
+                               jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool),
+                               jax.random.key(0))
+    hlo = decode.decode_chunk.lower(graphdef, state, carry, jnp.asarray(8, jnp.int32), 8, 0.0,
+                                    1.0, None, jnp.zeros((1,), jnp.int32)).compile().as_text()
+    layer_slots = rows * config.num_kv_heads * length * config.head_dim
+    moved = []
+    for shape, op in re.findall(r"= \w+\[([\d,]*)\]\S* (copy|transpose|concatenate)\(", hlo):
+        if shape and np.prod([int(d) for d in shape.split(",")]) >= layer_slots:
+            moved.append((shape, op))
+    assert not moved, moved
+    assert re.search(r"dynamic-update-slice", hlo)  # the writes are there

@@ -12,10 +12,11 @@ packed row they differ from RoPE positions only by a constant, so windows agree.
 Padding has segment 0 and therefore attends only to padding, so no softmax row is ever
 empty (no NaN on any backend) and real tokens never see padding.
 
-Attention itself is `jax.nn.dot_product_attention` (implementation "xla" or "cudnn"
-from the config; "cudnn" serves the uncached forward (training) on GPU and has not been run in this
+Without a cache, attention is `jax.nn.dot_product_attention` (implementation "xla" or
+"cudnn" from the config; "cudnn" serves training on GPU and has not been run in this
 project's CPU CI), which performs GQA natively (query head h uses kv head h // group, the
-same grouping as Hugging Face's repeat_kv).
+same grouping as Hugging Face's repeat_kv). With a cache (prefill and decoding),
+`cached_attention` does the same arithmetic on the cache's own layout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import jax
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
@@ -34,9 +36,14 @@ from derta_jax.models.layers import Projection, apply_rope, rope_inverse_frequen
 class KVCache(NamedTuple):
     """Keys and values of every layer for a batch of rows, plus the slots' segment ids.
 
-    k, v: [layers, batch, max_len, kv_heads, head_dim]; segment_ids: [batch, max_len]
-    (0 = empty or padding slot); index: int32 scalar, the next slot to write (all rows
-    share it: left padding aligns the rows' ends).
+    k, v: [layers, batch, kv_heads, max_len, head_dim] (`kv_cache_shape`); segment_ids:
+    [batch, max_len] (0 = empty or padding slot); index: int32 scalar, the next slot to
+    write (all rows share it: left padding aligns the rows' ends).
+
+    The layout is the one attention reads: per (row, kv head) a contiguous [slots,
+    head_dim] matrix, so neither dot transposes the cache, and each layer writes its new
+    slots into the whole cache in place (measured: a [layers, batch, slots, heads, dim]
+    cache sliced and re-stacked per layer copied it about six times per token).
     """
 
     k: jax.Array
@@ -45,9 +52,17 @@ class KVCache(NamedTuple):
     index: jax.Array
 
 
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")  # logical names
+
+
+def kv_cache_shape(config: ModelConfig, batch_size: int, max_len: int) -> tuple[int, ...]:
+    """The shape of KVCache.k and .v (axes KV_CACHE_AXES)."""
+    return (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+
+
 def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = kv_cache_shape(config, batch_size, max_len)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
@@ -81,43 +96,68 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                  cache: Optional[tuple[jax.Array, jax.Array]] = None,
                  cache_segment_ids: Optional[jax.Array] = None,
-                 cache_index: Optional[jax.Array] = None):
+                 cache_index: Optional[jax.Array] = None, layer: Optional[jax.Array] = None):
         """x [B,T,D] -> (y [B,T,D], updated (k, v) cache or None).
 
-        Without a cache, the T tokens attend among themselves. With one, their keys and
-        values are written at slots cache_index .. cache_index+T-1 of `cache`
-        ([B, S, kv_heads, head_dim] each) and they attend to every slot; the caller passes
-        `cache_segment_ids` [B, S] already updated for the new tokens.
+        Without a cache, the T tokens attend among themselves. With one (every layer's
+        keys and values, KVCache.k / .v), their keys and values are written at slots
+        cache_index .. cache_index+T-1 of layer `layer` and they attend to every slot; the
+        caller passes `cache_segment_ids` [B, S] already updated for the new tokens.
         """
         q = apply_rope(self.q_proj(x), positions, self.inv_freq)
         k = apply_rope(self.k_proj(x), positions, self.inv_freq)
         v = self.v_proj(x)
         t = x.shape[1]
         if cache is None:
-            keys, values, kv_segments = k, v, segment_ids
-            q_index = kv_index = jnp.arange(t, dtype=jnp.int32)
+            mask = attention_mask(segment_ids, segment_ids, jnp.arange(t, dtype=jnp.int32),
+                                  jnp.arange(t, dtype=jnp.int32), self.sliding_window)
+            out = _dot_product_attention(q, k, v, mask, self.implementation, self.sliding_window)
             new_cache = None
         else:
-            k_cache, v_cache = cache
-            start = (0, cache_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            kv_segments = cache_segment_ids
-            q_index = cache_index + jnp.arange(t, dtype=jnp.int32)
-            kv_index = jnp.arange(keys.shape[1], dtype=jnp.int32)
-            new_cache = (keys, values)
-        mask = attention_mask(segment_ids, kv_segments, q_index, kv_index, self.sliding_window)
-        out = _dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask,
-                                     self.implementation if cache is None else "xla",
-                                     self.sliding_window)
+            k_all, v_all = (_write_slots(whole, new, layer, cache_index)
+                            for whole, new in zip(cache, (k, v)))
+            keys, values = (jax.lax.dynamic_index_in_dim(whole, layer, keepdims=False)
+                            for whole in (k_all, v_all))
+            mask = attention_mask(segment_ids, cache_segment_ids,
+                                  cache_index + jnp.arange(t, dtype=jnp.int32),
+                                  jnp.arange(keys.shape[2], dtype=jnp.int32), self.sliding_window)
+            out = cached_attention(q, keys, values, mask)
+            new_cache = (k_all, v_all)
         out = checkpoint_name(out, "attn_out")
         return self.o_proj(out), new_cache
+
+
+def _write_slots(whole: jax.Array, new: jax.Array, layer, index) -> jax.Array:
+    """new [B, T, K, Hd] into whole [L, B, K, S, Hd] at (layer, slots index..index+T-1)."""
+    new = jnp.swapaxes(new, 1, 2)[None].astype(whole.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(whole, new, (jnp.asarray(layer, jnp.int32), zero, zero,
+                                                     index, zero))
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array,
+                     mask: jax.Array) -> jax.Array:
+    """Attention of q [B,T,N,Hd] over a cache layer (keys, values [B,K,S,Hd]) under mask
+    [B,1,T,S] -> [B,T,N,Hd]. The arithmetic of jax.nn.dot_product_attention's "xla" path
+    (float32 logits, scale 1/sqrt(Hd), masked logits at the same large negative, float32
+    softmax cast back to the keys' dtype), with GQA as grouped einsums: query head h
+    reads kv head h // group."""
+    b, t, n, hd = q.shape
+    kv_heads = keys.shape[1]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, hd)
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / np.sqrt(hd))
+    logits = jnp.where(mask[:, :, None], logits, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    probs = jax.nn.softmax(logits, axis=-1).astype(keys.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+    return out.reshape(b, t, n, hd)
 
 
 def _dot_product_attention(q, k, v, mask, implementation: str, sliding_window: Optional[int]):
     """jax.nn.dot_product_attention with our full mask; for cuDNN, the causal structure and
     window are also stated explicitly so the fused kernel can skip masked blocks (the
-    mask still carries segments and padding). The cached decode path always uses "xla":
+    mask still carries segments and padding). The cached path uses `cached_attention`:
     its queries sit at the end of the keys, which cuDNN's causal mask does not model."""
     if implementation == "cudnn":
         window = None if sliding_window is None else (sliding_window - 1, 0)

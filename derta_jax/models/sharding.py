@@ -129,17 +129,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-KV_CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
-
-
 def kv_cache_shardings(model_config: Any, mesh: Mesh, batch_size: int, max_len: int,
                        rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> Any:
     """A KVCache of NamedShardings: rows over the batch axes (data, fsdp), kv heads over
     `tensor`, by the same rules as the weights (a size the axes do not divide stays whole)."""
-    from derta_jax.models.attention import KVCache
+    from derta_jax.models.attention import KV_CACHE_AXES, KVCache, kv_cache_shape
 
-    kv_shape = (model_config.num_layers, batch_size, max_len, model_config.num_kv_heads,
-                model_config.head_dim)
+    kv_shape = kv_cache_shape(model_config, batch_size, max_len)
     kv = NamedSharding(mesh, logical_to_spec(kv_shape, KV_CACHE_AXES, mesh, rules))
     segments = NamedSharding(mesh, logical_to_spec((batch_size, max_len), ("batch", "length"),
                                                    mesh, rules))

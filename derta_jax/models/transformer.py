@@ -76,10 +76,11 @@ class DecoderLayer(nnx.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, **kw)
 
     def __call__(self, x, positions, segment_ids, cache=None, cache_segment_ids=None,
-                 cache_index=None):
-        """-> (x [B,T,D], aux dict, updated (k, v) or None)."""
+                 cache_index=None, layer=None):
+        """-> (x [B,T,D], aux dict, updated (k, v) of every layer, or None).
+        cache: every layer's (k, v); this one writes its slots of layer `layer`."""
         attn_out, new_cache = self.attn(self.attn_norm(x), positions, segment_ids, cache,
-                                        cache_segment_ids, cache_index)
+                                        cache_segment_ids, cache_index, layer)
         x = x + attn_out
         h = self.mlp_norm(x)
         if hasattr(self, "moe"):
@@ -90,8 +91,8 @@ class DecoderLayer(nnx.Module):
 
 
 def _layer_step(layer: DecoderLayer, x, positions, segment_ids, cache, cache_segment_ids,
-                cache_index):
-    return layer(x, positions, segment_ids, cache, cache_segment_ids, cache_index)
+                cache_index, index):
+    return layer(x, positions, segment_ids, cache, cache_segment_ids, cache_index, index)
 
 
 class Transformer(nnx.Module):
@@ -160,32 +161,31 @@ class Transformer(nnx.Module):
             return self._scan(x, positions, segment_ids, cache, cache_segment_ids, cache_index,
                               wrap, policy)
         step = nnx.remat(_layer_step, policy=policy) if wrap else _layer_step
-        layer_aux, new_k, new_v = [], [], []
+        layer_aux = []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache[0][i], cache[1][i])
-            x, aux, kv = step(layer, x, positions, segment_ids, layer_cache, cache_segment_ids,
-                              cache_index)
+            x, aux, cache = step(layer, x, positions, segment_ids, cache, cache_segment_ids,
+                                 cache_index, i)
             layer_aux.append(aux)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
         stacked_aux = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_aux) if layer_aux[0] else {}
-        new_cache = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
-        return x, _combine_layers(stacked_aux, self.config.num_experts_per_tok), new_cache
+        return x, _combine_layers(stacked_aux, self.config.num_experts_per_tok), cache
 
     def _scan(self, x, positions, segment_ids, cache, cache_segment_ids, cache_index, wrap, policy):
-        def body(layer, carry, layer_cache):
-            y, aux, kv = layer(carry, positions, segment_ids, layer_cache, cache_segment_ids,
-                               cache_index)
-            return y, (aux, kv)
+        """One compiled layer body; the KV cache (when given) rides in the carry, so each
+        layer writes its slots in place."""
+        def body(layer, carry, index):
+            y, cache = carry
+            y, aux, cache = layer(y, positions, segment_ids, cache, cache_segment_ids,
+                                  cache_index, index)
+            return (y, cache), aux
 
         if wrap:
             body = nnx.remat(body, policy=policy, prevent_cse=False)
         layer_axes = nnx.StateAxes({nnx.Param: 0, ...: None})  # stacked weights; other state broadcast
         scan = nnx.scan(body, in_axes=(layer_axes, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        x, (stacked_aux, new_cache) = scan(self.layers, x, cache)
-        return x, _combine_layers(stacked_aux, self.config.num_experts_per_tok), new_cache
+        (x, cache), stacked_aux = scan(self.layers, (x, cache),
+                                       jnp.arange(self.config.num_layers, dtype=jnp.int32))
+        return x, _combine_layers(stacked_aux, self.config.num_experts_per_tok), cache
 
 
 def _combine_layers(stacked_aux: dict, top_k: int) -> dict:

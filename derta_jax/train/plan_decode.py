@@ -23,6 +23,7 @@ from flax import nnx
 
 from derta_jax import weights
 from derta_jax.models import decode
+from derta_jax.models.attention import kv_cache_shape
 from derta_jax.models.config import ModelConfig
 from derta_jax.models import sharding as sharding_lib
 
@@ -52,7 +53,7 @@ def decode_memory(cfg: ModelConfig, mesh, shape: DecodeShape) -> dict:
 
     count, total, device = params_per_device(weights.abstract_params(cfg), mesh)
     cache = sharding_lib.kv_cache_shardings(cfg, mesh, shape.rows, shape.cache_len)
-    kv_shape = (cfg.num_layers, shape.rows, shape.cache_len, cfg.num_kv_heads, cfg.head_dim)
+    kv_shape = kv_cache_shape(cfg, shape.rows, shape.cache_len)
     kv = 2 * per_device_bytes(kv_shape, cfg.dtype, cache.k)
     kv_total = 2 * math.prod(kv_shape) * jnp.dtype(cfg.dtype).itemsize
     return {"params": count, "weights_bytes": device, "weights_bytes_total": total,
@@ -71,7 +72,7 @@ def abstract_decode_inputs(cfg: ModelConfig, mesh, shape: DecodeShape):
     nnx.replace_by_pure_dict(state, weights.with_shardings(nnx.to_pure_dict(state), shardings))
     shardings = decode.carry_shardings(cfg, mesh, shape.rows, shape.cache_len)
     cache_shardings = shardings.cache
-    kv_shape = (cfg.num_layers, shape.rows, shape.cache_len, cfg.num_kv_heads, cfg.head_dim)
+    kv_shape = kv_cache_shape(cfg, shape.rows, shape.cache_len)
     cache = decode.KVCache(
         k=_abstract(kv_shape, jnp.dtype(cfg.dtype), cache_shardings.k),
         v=_abstract(kv_shape, jnp.dtype(cfg.dtype), cache_shardings.v),
