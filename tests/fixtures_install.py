@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from tests.xla_env import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -45,7 +47,7 @@ def installed(tmp_path_factory):
         exe = sys.executable if argv[0] == "python" else str(target / "bin" / argv[0])
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(PYTHONPATH=str(target), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=1")
+                   XLA_FLAGS=xla_flags(1))
         return subprocess.run([exe, *argv[1:]], cwd=str(cwd or empty), env=env,
                               capture_output=True, text=True, timeout=timeout)
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.xla_env import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 MICRO = [
@@ -50,7 +52,7 @@ def _compile_cache(tmp_path_factory):
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     if _COMPILE_CACHE:
         env["JAX_COMPILATION_CACHE_DIR"] = _COMPILE_CACHE[0]
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

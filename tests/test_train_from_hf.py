@@ -15,6 +15,8 @@ import pytest
 
 import torch
 
+from tests.xla_env import xla_flags
+
 
 def _hf_model_dir(tmp_path, tokenizer, vocab_size=None, hidden_size=48, head_dim=16):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -230,7 +232,7 @@ def test_two_processes_start_from_a_bucket_workdir(tmp_path, small_tokenizer):
     with directory_bucket_server(root) as (url0, api0), directory_bucket_server(root) as (url1, api1):
         procs = []
         for index, url in enumerate((url0, url1)):
-            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            env = {**os.environ, "XLA_FLAGS": xla_flags(4),
                    "JAX_PLATFORMS": "cpu", "DERTA_TEST_BUCKET_ROOT": str(root),
                    "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",
                    "PYTHONPATH": str(repo)}

@@ -389,6 +389,7 @@ def test_lora_training_with_sharded_adapters_matches_one_device():
     assert losses8 == pytest.approx(losses1, rel=1e-5)
     assert losses8[-1] < losses8[0]
     # Adam steps every element by ~lr whatever its gradient's size, so summation-order noise
-    # in near-zero gradients moves a few elements by a small fraction of lr (1e-2).
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+    # in near-zero gradients moves a few elements by a small fraction of lr (1e-2): up to
+    # 3.3e-5 measured; the bound is 1% of lr.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
                  params8, params1)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.xla_env import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 OVERRIDES = {
@@ -53,7 +55,7 @@ def test_mixtral_trains_per_shard_and_matches_one_device(tmp_path, monkeypatch):
     loop.run(config)
     assert seen and all(axes == ("fsdp",) for axes in seen), seen  # tokens split 8 ways
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1),
                PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "derta_jax.train", "--config=configs/tiny.py",
            f"--config.workdir={tmp_path / 'one'}",
