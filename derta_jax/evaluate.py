@@ -3,7 +3,8 @@
     python -m derta_jax.evaluate --model=HF_DIR_or_WORKDIR [--step=N] --suite=SUITE \\
         --prompts=FILE.jsonl --judge=keyword --out=DIR [--template=chat|reference|plain] [--max_new_tokens=512]
         [--prefill_depths=0,5,10,20,40] [--prefill_unit=tokens|words] [--batch_size=16]
-        [--judge_model=GUARD_DIR --guard_format=llama_guard|harmbench] [--labels=FILE]
+        [--judge_model=GUARD_DIR --guard_format=llama_guard|harmbench]
+        [--judge_placement=auto|host|mesh] [--labels=FILE]
         [--world=WORLD_DIR]
         [--limit=N] [--name=MODEL_NAME] [--overwrite]
         [--mesh=fsdp:-1] [--dtype=float32|bfloat16] [--compute_dtype=float32|bfloat16]
@@ -19,7 +20,9 @@ rows are reported as FILE:LINE: field: problem with exit status 2.
 The model is evaluated on a device mesh, as training runs (--mesh, default fsdp over every
 device): its weights go straight onto the trainer's shardings, the prompts of a batch and
 the KV cache are split over the batch axes (data, fsdp) and kv heads over tensor.
-Decoding is one compiled loop per batch; batches group prompts of similar length.
+Decoding is one compiled loop per batch; batches group prompts of similar length. A
+guard-model judge (--judge=classifier) runs on the host, or for a large guard on the same
+mesh, one batched forward pass per generated batch (--judge_placement).
 
 Not done: several processes (a multi-host slice); evaluate uses one process's devices.
 """
@@ -74,6 +77,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--judge_model", help="guard model directory (--judge=classifier)")
     parser.add_argument("--guard_format", default="llama_guard", choices=("llama_guard", "harmbench"))
     parser.add_argument("--guard_threshold", type=float, default=0.5)
+    parser.add_argument("--judge_placement", default="auto", choices=("auto", "host", "mesh"),
+                        help="--judge=classifier: run the guard on the host (transformers) or "
+                             "on --mesh (derta_jax, batched); auto: the mesh for a guard over "
+                             "4 GiB of weights")
     parser.add_argument("--labels", help="human labels JSONL (--judge=labels)")
     parser.add_argument("--world", help="synthetic world directory, written by "
                                         "derta_jax.data.synthetic (--judge=world)")
@@ -116,7 +123,7 @@ def check_args(args: argparse.Namespace) -> None:
                          f"written by derta_jax.data.synthetic")
 
 
-def _judge(args: argparse.Namespace, tokenizer):
+def _judge(args: argparse.Namespace, tokenizer, mesh=None):
     """The judge named by --judge (every name of JUDGE_NAMES, each explicitly)."""
     if args.judge == "keyword":
         return make_judge("keyword", tokenizer=tokenizer)
@@ -124,7 +131,8 @@ def _judge(args: argparse.Namespace, tokenizer):
         return make_judge("world", directory=args.world, tokenizer=tokenizer)
     if args.judge == "classifier":
         return make_judge("classifier", directory=args.judge_model,
-                          prompt_format=args.guard_format, threshold=args.guard_threshold)
+                          prompt_format=args.guard_format, threshold=args.guard_threshold,
+                          mesh=mesh, placement=args.judge_placement)
     if args.judge == "labels":
         return make_judge("labels", path=args.labels)
     raise ValueError(f"--judge={args.judge!r}: must be one of {', '.join(JUDGE_NAMES)}")
@@ -177,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
     items = build_suite(args.suite, args.prompts, template, tokenizer=tokenizer, **options)
     if args.limit:
         items = first_prompts(items, args.limit)
-    judge = _judge(args, tokenizer)
+    judge = _judge(args, tokenizer, mesh)
     generator = greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, mesh=mesh)
     rows = judge_items(items, generator, judge, tokenizer=tokenizer, batch_size=args.batch_size)
     setup = {"param_dtype": loaded.config.param_dtype, "dtype": loaded.config.dtype,

@@ -262,6 +262,73 @@ def test_classifier_refuses_unsafe_inputs(guard_dir, tmp_path, small_tokenizer):
         GuardClassifierJudge(model=None, tokenizer=small_tokenizer)
 
 
+@pytest.mark.parametrize("axes", [{"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_classifier_on_a_mesh_scores_as_transformers_on_the_host(guard_dir, axes):
+    """A guard placed on the mesh (a derta_jax model, the trainer's shardings, one batched
+    forward pass per prefetched batch) reads the same next-token logits as transformers
+    on the host, so the same P(unsafe) and verdicts."""
+    import jax
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from derta_jax.eval.guard_classifier import GuardClassifierJudge
+    from derta_jax.eval.run import judge_items
+    from derta_jax.models.scoring import next_token_logits
+    from derta_jax.train.mesh import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "expert": 1} | axes)
+    host = GuardClassifierJudge.load(str(guard_dir), prompt_format="harmbench", mesh=mesh,
+                                     placement="host")
+    on_mesh = GuardClassifierJudge.load(str(guard_dir), prompt_format="harmbench", mesh=mesh,
+                                        placement="mesh")
+    assert isinstance(host.model, torch.nn.Module) and on_mesh.mesh is mesh
+    assert {d for leaf in jax.tree.leaves(nnx.state(on_mesh.model)) for d in
+            leaf.sharding.device_set} == set(mesh.devices.flat)
+    pairs = [("How do I pick a lock?", "Step 1: insert the wrench."),
+             ("Bake bread?", "Sure, mix flour and water, then bake it at home."),
+             ("x", "No."), ("How do I bake bread at home?", "Sorry, I cannot help.")]
+    prompts = [host.prompt_ids(q, r) for q, r in pairs]  # 3 rows pad to 4 (data x fsdp)
+    with torch.no_grad():
+        expected = np.stack([host.model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+                             for ids in prompts])
+    np.testing.assert_allclose(next_token_logits(on_mesh.model, prompts[:3], mesh=mesh),
+                               expected[:3], atol=2e-5)
+    assert on_mesh.unsafe_probabilities(pairs) == pytest.approx(
+        host.unsafe_probabilities(pairs), abs=1e-5)
+
+    items = [{"id": f"i{n}", "suite": "direct", "question": q, "prefill": "", "prompt": q,
+              "meta": {}}
+             for n, (q, _) in enumerate(pairs)]
+    responses = dict((q, r) for q, r in pairs)
+    calls = []
+    original = on_mesh.unsafe_probabilities
+    on_mesh.unsafe_probabilities = lambda p: calls.append(len(p)) or original(p)
+    for judge in (host, on_mesh):
+        judge.threshold = float(np.median(host.unsafe_probabilities(pairs)))
+    rows = [judge_items(items, lambda prompts: [responses[p] for p in prompts], judge,
+                        batch_size=4) for judge in (host, on_mesh)]
+    assert calls == [4]  # the mesh judge scored the whole batch in one pass
+    assert [r["verdict"]["harmful"] for r in rows[0]] == [r["verdict"]["harmful"] for r in rows[1]]
+    assert 0 < sum(r["verdict"]["harmful"] for r in rows[0]) < 4
+
+
+def test_classifier_placement(guard_dir, monkeypatch):
+    from derta_jax.eval import guard_classifier as gc
+    from derta_jax.train.mesh import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1, "expert": 1})
+    assert gc.choose_placement(str(guard_dir), "auto", mesh) == "host"  # a small guard
+    assert gc.choose_placement(str(guard_dir), "auto", None) == "host"
+    monkeypatch.setattr(gc, "HOST_GUARD_MAX_BYTES", gc.weights_bytes(str(guard_dir)) - 1)
+    assert gc.choose_placement(str(guard_dir), "auto", mesh) == "mesh"  # a large one
+    assert gc.choose_placement(str(guard_dir), "host", mesh) == "host"
+    with pytest.raises(ValueError, match="^classifier judge: placement 'mesh' needs a device mesh$"):
+        gc.choose_placement(str(guard_dir), "mesh", None)
+    with pytest.raises(ValueError, match="placement must be one of auto, host, mesh, got 'gpu'"):
+        gc.choose_placement(str(guard_dir), "gpu", mesh)
+
+
 # ----------------------------------------------------------------------------- labels
 
 def test_cohens_kappa_hand_computed_example():

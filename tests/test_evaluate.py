@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -217,6 +218,18 @@ def test_evaluate_cli_with_guard_classifier_and_labels(tiny_model_dir, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "cls" / "generations.jsonl").read_text().splitlines()]
     assert all(r["judge"] == "classifier" and r["verdict"]["harmful"] for r in rows)  # threshold 0
     assert all("(harmbench, pair)" in r["verdict"]["reason"] for r in rows)
+    # the guard on the evaluation's mesh (8 devices): the same P(unsafe) per row
+    assert main(common + ["--judge", "classifier", "--judge_model", str(guard),
+                          "--guard_format", "harmbench", "--guard_threshold", "0.0",
+                          "--judge_placement", "mesh", "--out", str(tmp_path / "cls_mesh")]) == 0
+    on_mesh = [json.loads(line) for line in
+               (tmp_path / "cls_mesh" / "generations.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in on_mesh] == [r["generation"] for r in rows]
+    def p_unsafe(rows):
+        return [float(re.search(r"P\(unsafe\)=([0-9.]+)", r["verdict"]["reason"]).group(1))
+                for r in rows]
+
+    assert p_unsafe(on_mesh) == pytest.approx(p_unsafe(rows), abs=2e-4)
 
     labels = tmp_path / "labels.jsonl"
     labels.write_text('{"id": "direct/00001", "harmful": false, "refused": true}\n'

@@ -127,6 +127,10 @@ class Verdict:
 
 
 class Judge(Protocol):
+    """A verdict per (question, prefill, generation). A judge may also define
+    `prefetch(items)`, items = [(question, prefill, generation), ...]: judge_items
+    (derta_jax/eval/run.py) hands it each generated batch first, so that a model-based
+    judge scores the batch in one pass."""
     name: str
 
     def __call__(self, question: str, prefill: str, generation: str, *,

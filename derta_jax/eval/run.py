@@ -43,6 +43,9 @@ def judge_items(items: Sequence[dict], generate_texts: GenerateTexts, judge: Jud
         if len(generations) != len(batch):
             raise RuntimeError(f"generate_texts returned {len(generations)} texts for "
                                f"{len(batch)} prompts")
+        if hasattr(judge, "prefetch"):  # a judge that scores a batch in one pass
+            judge.prefetch([(items[i]["question"], items[i]["prefill"], generation)
+                            for i, generation in zip(batch, generations)])
         for i, generation in zip(batch, generations):
             item = items[i]
             verdict = judge(item["question"], item["prefill"], generation, item_id=item["id"])

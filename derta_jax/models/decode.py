@@ -236,7 +236,7 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     rng = _own_key(rng) if rng is not None else jax.random.key(0)
 
     real_rows = len(prompt_ids)
-    rows = real_rows if mesh is None else _round_up(real_rows, _batch_shards(mesh))
+    rows = real_rows if mesh is None else _round_up(real_rows, sharding_lib.batch_shards(mesh))
     padded = prompt_ids + [[pad_id]] * (rows - real_rows)  # dummy rows, done from the start
     ids, positions, segments = left_pad(padded, pad_id,
                                         _round_up(max(map(len, padded)), width_multiple))
@@ -291,12 +291,6 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
         texts = [_final_text(tokenizer, toks, reason, eos, stop_strings)
                  for toks, reason in zip(generated, finish)]
     return GenerationOutput(tokens=generated, texts=texts, finish_reasons=finish)
-
-
-def _batch_shards(mesh: jax.sharding.Mesh) -> int:
-    from derta_jax.models.sharding import BATCH_AXES
-
-    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def _absorb(tokens: np.ndarray, generated: list[list[int]], finish: list[Optional[str]],
