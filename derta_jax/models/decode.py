@@ -65,6 +65,22 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: Optional[int]
     return ids, positions, segments
 
 
+def batch_rows(prompts: Sequence[Sequence[int]], pad_id: int,
+               mesh: Optional[jax.sharding.Mesh], width_multiple: int):
+    """-> (padded prompts, (ids, positions, segments) on the device(s)). On a mesh the batch
+    gains dummy one-token rows up to a multiple of its batch shards and is split over them;
+    prompts are left-padded to a multiple of `width_multiple` (nearby lengths share one
+    compiled program). Shared by generation and scoring (models/scoring.py)."""
+    rows = len(prompts) if mesh is None else _round_up(len(prompts),
+                                                        sharding_lib.batch_shards(mesh))
+    padded = [list(p) for p in prompts] + [[pad_id]] * (rows - len(prompts))
+    arrays = left_pad(padded, pad_id, _round_up(max(map(len, padded)), width_multiple))
+    inputs = tuple(jnp.asarray(a) for a in arrays)
+    if mesh is None:  # committed like the loop's outputs: every call reuses one program
+        return padded, jax.device_put(inputs, jax.devices()[0])
+    return padded, jax.device_put(inputs, sharding_lib.batch_sharding(mesh))
+
+
 def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
     """Next token per row from float32 logits [B, V]: argmax when temperature == 0,
     otherwise a draw from softmax(logits / temperature) restricted to the smallest set
@@ -236,24 +252,20 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     rng = _own_key(rng) if rng is not None else jax.random.key(0)
 
     real_rows = len(prompt_ids)
-    rows = real_rows if mesh is None else _round_up(real_rows, sharding_lib.batch_shards(mesh))
-    padded = prompt_ids + [[pad_id]] * (rows - real_rows)  # dummy rows, done from the start
-    ids, positions, segments = left_pad(padded, pad_id,
-                                        _round_up(max(map(len, padded)), width_multiple))
-    width = ids.shape[1]
+    # dummy rows (on a mesh) are done from the start
+    padded, inputs = batch_rows(prompt_ids, pad_id, mesh, width_multiple)
+    rows, width = inputs[0].shape
     chunk = min(loop_tokens or (check_every if stop_strings else max_new_tokens), max_new_tokens)
     graphdef, state = nnx.split(model)
-    inputs = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments))
     done = jnp.asarray(np.arange(rows) >= real_rows)
     next_positions = jnp.asarray([len(p) for p in padded], jnp.int32)
     shardings = None
     context = contextlib.nullcontext()
-    if mesh is None:  # committed like the loop's outputs: every call reuses one program
-        inputs, done, next_positions, rng = jax.device_put(
-            (inputs, done, next_positions, rng), jax.devices()[0])
+    if mesh is None:
+        done, next_positions, rng = jax.device_put((done, next_positions, rng),
+                                                   jax.devices()[0])
     else:
         shardings = carry_shardings(config, mesh, rows, width + max_new_tokens)
-        inputs = jax.device_put(inputs, sharding_lib.batch_sharding(mesh))
         done, next_positions, rng = jax.device_put(
             (done, next_positions, rng), (shardings.done, shardings.positions, shardings.rng))
         context = jax.set_mesh(mesh)

@@ -20,12 +20,10 @@ import functools
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from derta_jax.models import sharding as sharding_lib
-from derta_jax.models.decode import left_pad
+from derta_jax.models.decode import batch_rows
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -40,18 +38,8 @@ def next_token_logits(model: Any, prompts: Sequence[Sequence[int]], *,
                       pad_id: int = 0) -> np.ndarray:
     """float32 [len(prompts), vocab]: the logits of the token after each prompt.
     mesh: the model's weights already placed on it (derta_jax.weights.load_model(mesh=))."""
-    real_rows = len(prompts)
-    rows = real_rows if mesh is None else -(-real_rows // sharding_lib.batch_shards(mesh)) * (
-        sharding_lib.batch_shards(mesh))
-    padded = [list(p) for p in prompts] + [[pad_id]] * (rows - real_rows)
-    width = max(map(len, padded))
-    ids, positions, segments = left_pad(padded, pad_id, -(-width // width_multiple) * width_multiple)
-    inputs = (jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(segments))
-    context = contextlib.nullcontext()
-    if mesh is not None:
-        inputs = jax.device_put(inputs, sharding_lib.batch_sharding(mesh))
-        context = jax.set_mesh(mesh)
+    _, inputs = batch_rows(prompts, pad_id, mesh, width_multiple)
     graphdef, state = nnx.split(model)
-    with context:
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         logits = _last_logits(graphdef, state, *inputs)
-    return np.asarray(logits)[:real_rows]
+    return np.asarray(logits)[:len(prompts)]
