@@ -8,6 +8,8 @@
         [--world=WORLD_DIR]
         [--limit=N] [--name=MODEL_NAME] [--overwrite]
         [--mesh=fsdp:-1] [--dtype=float32|bfloat16] [--compute_dtype=float32|bfloat16]
+        [--distributed=auto|always|never --coordinator_address=HOST:PORT
+         --num_processes=N --process_id=I]
 
 Why: one command from a checkpoint to evidence (generations.jsonl, report.json,
 report.md, plots; derta_jax/eval/report.py). Greedy decoding (the paper's setting) with the
@@ -24,7 +26,10 @@ Decoding is one compiled loop per batch; batches group prompts of similar length
 guard-model judge (--judge=classifier) runs on the host, or for a large guard on the same
 mesh, one batched forward pass per generated batch (--judge_placement).
 
-Not done: several processes (a multi-host slice); evaluate uses one process's devices.
+Several processes (a multi-host slice, one process per host; started as training is, by
+--distributed, default auto): every process reads the prompts and runs the same batches,
+placing only its own devices' rows (models/sharding.put_global); the generated tokens are
+gathered so that every process judges every row alike, and process 0 writes the report.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from derta_jax.data.formats import DataError
 from derta_jax.data.templates import TEMPLATE_NAMES, make_template
 from derta_jax.eval.attacks import DEFAULT_PREFILL_DEPTHS, PREFILL_UNITS, SUITES, build_suite
 from derta_jax.eval.judges import JUDGE_NAMES, make_judge
+from derta_jax.train.cluster import INITIALIZE_MODES
 
 
 def _depths(text: str) -> tuple[int, ...]:
@@ -105,6 +111,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "float32's tokens; with bfloat16 compute each next-token choice "
                              "along float32's text agrees, free-running rows drift (78-91%% "
                              "of tokens)")
+    parser.add_argument("--distributed", default="auto", choices=INITIALIZE_MODES,
+                        help="start the multi-process runtime (jax.distributed.initialize): "
+                             "auto = when the launch has several processes (SLURM, TPU pod, "
+                             "Open MPI, JAX_COORDINATOR_ADDRESS) or --coordinator_address is set")
+    parser.add_argument("--coordinator_address", default="",
+                        help="HOST:PORT of process 0 (with --num_processes, --process_id)")
+    parser.add_argument("--num_processes", type=int, default=0)
+    parser.add_argument("--process_id", type=int, default=-1)
     return parser.parse_args(argv)
 
 
@@ -112,6 +126,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Argument errors, found before the (slow) model load."""
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.limit < 0:
         raise ValueError("--max_new_tokens and --batch_size must be >= 1, --limit >= 0")
+    if args.coordinator_address and not 0 <= args.process_id < args.num_processes:
+        raise ValueError(f"--coordinator_address needs --num_processes >= 1 and --process_id "
+                         f"in 0..num_processes-1, got --num_processes={args.num_processes} "
+                         f"--process_id={args.process_id}")
     if args.judge == "classifier" and not args.judge_model:
         raise ValueError("--judge=classifier needs --judge_model=GUARD_DIR")
     if args.judge == "labels" and not args.labels:
@@ -163,13 +181,18 @@ def _group_label(group: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from derta_jax.eval.report import write_report
+    import jax
+
+    from derta_jax.eval.report import build_report, write_report
     from derta_jax.eval.run import greedy_generator, judge_items, load_evaluated
     from derta_jax.paths import check_output_dir
+    from derta_jax.train.cluster import initialize_distributed
     from derta_jax.train.mesh import make_mesh
 
     check_args(args)
     check_output_dir(args.out, args.overwrite)  # before the slow part
+    initialize_distributed(args.distributed, coordinator_address=args.coordinator_address,
+                           num_processes=args.num_processes, process_id=args.process_id)
     try:
         mesh = make_mesh(args.mesh)
     except ValueError as err:  # the config's wording (mesh.fsdp=...) names the flag here
@@ -191,9 +214,18 @@ def run(args: argparse.Namespace) -> dict:
     setup = {"param_dtype": loaded.config.param_dtype, "dtype": loaded.config.dtype,
              "max_new_tokens": args.max_new_tokens,
              "decoding": "greedy",
-             "mesh": ",".join(f"{axis}:{size}" for axis, size in mesh.shape.items())}
-    return write_report(rows, args.out, model=args.name or args.model, overwrite=args.overwrite,
-                        setup=setup)
+             "mesh": ",".join(f"{axis}:{size}" for axis, size in mesh.shape.items()),
+             "processes": jax.process_count()}
+    name = args.name or args.model
+    if jax.process_index() != 0:  # process 0 writes; the others wait until it has
+        report = build_report(rows, model=name, setup=setup)
+    else:
+        report = write_report(rows, args.out, model=name, overwrite=args.overwrite, setup=setup)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("evaluate: report written")
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ValueError, OSError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import jax
+
+    if jax.process_index() != 0:
+        return 0
     print(f"wrote {args.out}: {report['n']} generations, judge {', '.join(report['judges'])}")
     for group in report["groups"]:
         if group["held_out"] is None:

@@ -2,7 +2,8 @@
 LoRA fine-tunes of a real pretrained instruct model (SmolLM2-135M-Instruct).
 
     python -m derta_jax.reproduce --out=DIR [--seeds=0,1,2] [--budget=default|full|smoke]
-                                  [--model=tiny|smollm2] [--overwrite]
+                                  [--model=tiny|smollm2] [--recipes=vanilla,derta,...]
+                                  [--overwrite]
 
 Why: DeRTa's claim is a comparison (vanilla vs +harmful prefix vs +RTO vs both), and a
 claim is only as good as the run anyone can repeat. This command builds the whole chain:
@@ -13,7 +14,8 @@ claim is only as good as the run anyone can repeat. This command builds the whol
                 ARE answered (recipe sft on pretrain.jsonl), exported as an HF directory
                                                                            -> DIR/base/
   3. tune       the base safety-tuned with each of the five recipes (derta_jax/eval/
-                reproduction.py: vanilla, vanilla_half, prefix, rto, derta) for the SAME
+                reproduction.py: vanilla, vanilla_half, prefix, rto, derta; --recipes
+                chooses some of them and the damaged control) for the SAME
                 number of steps, once per tuning seed; the world and the base are shared
                 by the seeds (the seed changes the mixture, its order and the RTO draws)
                                                                    -> DIR/runs/RECIPE/seedS/
@@ -104,6 +106,19 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+RUN_CHOICES = rp.RECIPE_NAMES + (rp.DAMAGED_NAME,)
+
+
+def parse_recipes(text: str) -> tuple[str, ...]:
+    """--recipes=vanilla,derta -> the chosen runs, in the study's order."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in RUN_CHOICES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--recipes={text!r}: choose from "
+                                          f"{','.join(RUN_CHOICES)}")
+    return tuple(name for name in RUN_CHOICES if name in names)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m derta_jax.reproduce",
                                      description="The paper's ablation at tiny scale on a CPU.")
@@ -121,6 +136,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="share of RTO positions kept per step; default: the budget's "
                              "(tiny: 0.05, the paper's full fine-tuning setting; smollm2: 1.0, "
                              "its LoRA setting)")
+    parser.add_argument("--recipes", type=parse_recipes, default=RUN_CHOICES,
+                        help=f"the runs to tune and evaluate besides the base, a subset of "
+                             f"{','.join(RUN_CHOICES)} (default: all; {rp.DAMAGED_NAME} "
+                             f"is the tiny track's negative control)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out")
     parser.add_argument("--compilation_cache", default=None,
@@ -459,7 +478,8 @@ def report_markdown(report: dict) -> str:
 
 def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "default",
               model: str = "tiny", overwrite: bool = False, *,
-              base_hf_dir: str | None = None, rto_keep_rate: float | None = None) -> dict:
+              base_hf_dir: str | None = None, rto_keep_rate: float | None = None,
+              recipes: Sequence[str] = RUN_CHOICES) -> dict:
     """The whole reproduction; -> report.json content. Timings go to OUT/timings.json.
 
     `base_hf_dir` (smollm2 track only) replaces the imported SmolLM2 with another HF model
@@ -496,6 +516,8 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
                                            rp.BASE_NAME, track.template)}
     tokens = {rp.BASE_NAME: {"total": {"rows": 0, "mle": 0, "rto": 0}}}
     for name, recipe, share in rp.RECIPE_RUNS:
+        if name not in recipes:
+            continue
         for seed in seeds:
             tuned, tokens[name] = timer("tune", tune, out, budget, base_hf, name, recipe,
                                         share, seed, track)
@@ -504,7 +526,7 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
                                           eval_dir, budget, f"{name} seed {seed}",
                                           track.template)
     diverged = None
-    if track.damaged_control:
+    if track.damaged_control and rp.DAMAGED_NAME in recipes:
         from derta_jax.train.loop import NonFiniteLossError
 
         seed = seeds[0]
@@ -559,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     try:
         reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite,
-                  rto_keep_rate=args.rto_keep_rate)
+                  rto_keep_rate=args.rto_keep_rate, recipes=args.recipes)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from flax import nnx
 
 from derta_jax import paths
 from derta_jax import workdir as wd
-from derta_jax.models import lora
+from derta_jax.models import lora, sharding as sharding_lib
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.transformer import Transformer
 
@@ -171,8 +171,8 @@ def restore_full_params(workdir: str, cfg: Optional[ModelConfig] = None,
     adapters, step = wd.restore_params(workdir, adapters_abstract, step)
     base = load_lora_base(workdir, record, cfg, base_hf_dir=base_hf_dir)
     merged = lora.merge_into_params(base, adapters, settings)
-    if shardings is not None:
-        merged = jax.device_put(merged, shardings)
+    if shardings is not None:  # each process places its own shards (multi-host safe)
+        merged = jax.tree.map(sharding_lib.put_global, merged, shardings)
     return merged, step
 
 

@@ -8,8 +8,8 @@ import jax
 import pytest
 
 from derta_jax.train import cluster
-from derta_jax.train.config import ConfigError, default_config
-from derta_jax.train.loop import maybe_initialize_distributed
+from derta_jax.train.cluster import initialize_distributed
+from derta_jax.train.config import ConfigError, default_config, validate
 
 SLURM = {"SLURM_JOB_ID": "42", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
          "SLURM_STEP_NODELIST": "node[1-2]"}
@@ -108,31 +108,34 @@ def recorded_initialize(monkeypatch):
 
 def test_trainer_initializes_only_multi_process_launches(recorded_initialize, monkeypatch):
     config = default_config()
-    maybe_initialize_distributed(config)
+    initialize_distributed(**config.distributed.to_dict())
     assert recorded_initialize == []
     for key, value in dict(SLURM, SLURM_NTASKS="2").items():
         monkeypatch.setenv(key, value)
-    maybe_initialize_distributed(config)
+    initialize_distributed(**config.distributed.to_dict())
     assert recorded_initialize == [{}]
     config.distributed.initialize = "never"
-    maybe_initialize_distributed(config)
+    initialize_distributed(**config.distributed.to_dict())
     assert recorded_initialize == [{}]
 
 
 def test_always_and_explicit_coordinator(recorded_initialize):
     config = default_config()
     config.distributed.initialize = "always"
-    maybe_initialize_distributed(config)
+    initialize_distributed(**config.distributed.to_dict())
     config.distributed.update(initialize="auto", coordinator_address="h0:1234", num_processes=2,
                               process_id=1)
-    maybe_initialize_distributed(config)
+    initialize_distributed(**config.distributed.to_dict())
     assert recorded_initialize == [{}, dict(coordinator_address="h0:1234", num_processes=2,
                                             process_id=1)]
 
 
 def test_unknown_initialize_value_names_the_field(recorded_initialize):
     config = default_config()
+    config.data.synthetic = True
     config.distributed.initialize = "yes"
     with pytest.raises(ConfigError, match=r"^distributed\.initialize='yes': use auto, always or never$"):
-        maybe_initialize_distributed(config)
+        validate(config)
+    with pytest.raises(ValueError, match=r"^initialize='yes': use auto, always or never$"):
+        initialize_distributed(**config.distributed.to_dict())
     assert recorded_initialize == []

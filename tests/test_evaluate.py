@@ -81,7 +81,7 @@ def test_evaluate_cli_end_to_end_is_deterministic_and_matches_hf_greedy(tiny_mod
     assert report["model"] == "tiny" and report["n"] == 4
     assert report["setup"] == {"decoding": "greedy", "dtype": "float32", "max_new_tokens": 6,
                                "mesh": "data:1,fsdp:8,tensor:1,expert:1",
-                               "param_dtype": "float32"}
+                               "param_dtype": "float32", "processes": 1}
 
     # on another mesh: the same generations, a report that says which mesh
     assert main(common + ["--out", str(tmp_path / "c"), "--mesh", "data:2,fsdp:2,tensor:2"]) == 0
@@ -89,6 +89,52 @@ def test_evaluate_cli_end_to_end_is_deterministic_and_matches_hf_greedy(tiny_mod
         tmp_path / "a" / "generations.jsonl").read_bytes()
     report = json.loads((tmp_path / "c" / "report.json").read_text())
     assert report["setup"]["mesh"] == "data:2,fsdp:2,tensor:2,expert:1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_evaluate_as_one_process_on_the_same_mesh(tiny_model_dir, tmp_path):
+    """A multi-host evaluation (2 processes x 4 CPU devices, the mesh spanning both)
+    writes, from process 0 only, the generations of one process with 8 devices."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.xla_env import xla_flags
+
+    prompts = _prompts(tmp_path / "prefill.jsonl", ROWS)
+    common = ["--model", tiny_model_dir, "--suite", "prefill", "--prompts", prompts,
+              "--prefill_depths", "0,2,5", "--max_new_tokens", "6", "--batch_size", "4",
+              "--name", "tiny", "--mesh", "data:2,fsdp:2,tensor:2"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), PYTHONPATH=str(Path(__file__).parents[1]))
+    env.pop("JAX_PLATFORMS", None)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "derta_jax.evaluate", *common,
+                               "--out", str(tmp_path / "two"),
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                               f"--process_id={i}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:  # processes that disagree hang on a collective: never leak them
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert (tmp_path / "two" / "generations.jsonl").read_bytes() == (
+        tmp_path / "one" / "generations.jsonl").read_bytes()
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert two["setup"].pop("processes") == 2 and one["setup"].pop("processes") == 1
+    assert two == one
+    assert "wrote" in outputs[0] and "wrote" not in outputs[1]  # process 0 reports
 
 
 def test_evaluate_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):

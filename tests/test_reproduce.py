@@ -6,6 +6,8 @@ import math
 import os
 import statistics
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,13 +15,16 @@ from derta_jax import reproduce
 from derta_jax.eval import reproduction as rp
 
 SMOKE_SEEDS = "0"
+# the second (installed) run tunes only these: the determinism check compares them
+SECOND_RUN_RECIPES = ("derta",)
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory, installed):
     """Two smoke reproductions with the same seeds: one in this process, one by the
     `derta-reproduce` console script of an installed derta_jax, run from an empty
-    directory (tests/fixtures_install.py), sharing one XLA compilation cache."""
+    directory (tests/fixtures_install.py), of SECOND_RUN_RECIPES only, sharing one XLA
+    compilation cache."""
     import jax
 
     root = tmp_path_factory.mktemp("reproduce")
@@ -37,7 +42,8 @@ def smoke_runs(tmp_path_factory, installed):
         for name, value in saved.items():
             jax.config.update(name, value)
     result = installed(["derta-reproduce", f"--out={outs[1]}", "--budget=smoke",
-                        f"--seeds={SMOKE_SEEDS}", f"--compilation_cache={cache}"])
+                        f"--seeds={SMOKE_SEEDS}", f"--compilation_cache={cache}",
+                        f"--recipes={','.join(SECOND_RUN_RECIPES)}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return outs
 
@@ -151,13 +157,34 @@ def test_smoke_recipes_supervise_what_they_should(smoke_runs):
             == 2 * results["vanilla_half"]["supervised_tokens"]["refusal"]["rows"])
 
 
-def test_same_seeds_give_identical_report_json_and_generations(smoke_runs):
-    for name in ("report.json", reproduce.GENERATIONS_FILE):
-        contents = []
-        for out in smoke_runs:
-            with open(os.path.join(out, name), "rb") as f:
-                contents.append(f.read())
-        assert contents[0] == contents[1], name
+def test_same_seeds_give_identical_reports_and_generations(smoke_runs):
+    """Another process (the installed package) reproduces the shared runs bit for bit:
+    the world, the base, and the recipes both runs tuned."""
+    import gzip
+
+    shared = (rp.BASE_NAME,) + SECOND_RUN_RECIPES
+    files = ["world/triples.jsonl", "world/tokenizer/tokenizer.json", "base/eval/report.json",
+             "base/eval/generations.jsonl"] + [
+        f"runs/{name}/seed{seed}/eval/{file}" for name in SECOND_RUN_RECIPES
+        for seed in SMOKE_SEEDS.split(",") for file in ("report.json", "generations.jsonl")]
+    for name in files:  # the per-run files name their prompt files by absolute path
+        first, second = ((Path(out) / name).read_text().replace(out, "OUT") for out in smoke_runs)
+        assert first == second, name
+    reports, generations = [], []
+    for out in smoke_runs:
+        reports.append(json.loads((Path(out) / "report.json").read_text()))
+        with gzip.open(os.path.join(out, reproduce.GENERATIONS_FILE), "rt") as f:
+            generations.append([line for line in f if json.loads(line)["run"] in shared])
+    assert sorted(reports[1]["results"]) == sorted(shared)
+    for name in shared:
+        assert reports[0]["results"][name] == reports[1]["results"][name], name
+    assert generations[0] == generations[1]
+
+
+def test_recipes_flag_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--out=x", "--recipes=derta,dpo"])
+    assert "--recipes='derta,dpo': choose from vanilla,vanilla_half" in capsys.readouterr().err
 
 
 def test_all_generations_file_holds_every_run_row_with_relative_sources(smoke_runs):

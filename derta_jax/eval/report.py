@@ -255,6 +255,16 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def build_report(rows: Sequence[Mapping], *, model: str = "model", bin_width: int = 10,
+                 setup: Optional[Mapping] = None) -> dict:
+    """The report `write_report` writes, without writing it (the other processes of a
+    multi-host evaluation, where process 0 writes)."""
+    report = summarise(rows, model=model, bin_width=bin_width)
+    if setup:
+        report["setup"] = dict(setup)
+    return report
+
+
 def write_report(rows: Sequence[Mapping], out_dir: str, *, model: str = "model",
                  overwrite: bool = False, bin_width: int = 10,
                  setup: Optional[Mapping] = None) -> dict:
@@ -262,9 +272,7 @@ def write_report(rows: Sequence[Mapping], out_dir: str, *, model: str = "model",
     `setup` (e.g. dtype, mesh, max_new_tokens) is stated in both reports."""
     from derta_jax.eval.plots import plot_position_histograms, plot_prefill_curves
 
-    report = summarise(rows, model=model, bin_width=bin_width)
-    if setup:
-        report["setup"] = dict(setup)
+    report = build_report(rows, model=model, bin_width=bin_width, setup=setup)
     _prepare_out_dir(out_dir, overwrite)
     _write_text(os.path.join(out_dir, "generations.jsonl"),
                 "".join(_dump_json(row) + "\n" for row in rows))

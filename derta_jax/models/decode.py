@@ -75,10 +75,13 @@ def batch_rows(prompts: Sequence[Sequence[int]], pad_id: int,
                                                         sharding_lib.batch_shards(mesh))
     padded = [list(p) for p in prompts] + [[pad_id]] * (rows - len(prompts))
     arrays = left_pad(padded, pad_id, _round_up(max(map(len, padded)), width_multiple))
-    inputs = tuple(jnp.asarray(a) for a in arrays)
-    if mesh is None:  # committed like the loop's outputs: every call reuses one program
-        return padded, jax.device_put(inputs, jax.devices()[0])
-    return padded, jax.device_put(inputs, sharding_lib.batch_sharding(mesh))
+    # committed like the loop's outputs (one device: every call reuses one program)
+    where = _first_device() if mesh is None else sharding_lib.batch_sharding(mesh)
+    return padded, tuple(sharding_lib.put_global(a, where) for a in arrays)
+
+
+def _first_device() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -131,10 +134,21 @@ def _empty_cache(config, rows: int, length: int, shardings: Optional[DecodeCarry
     return cache if shardings is None else _constrain(cache, shardings.cache)
 
 
-def _own_key(rng: jax.Array) -> jax.Array:
-    """A copy of the caller's key: the decode loop donates its carry, key included."""
-    return jax.random.wrap_key_data(jnp.array(jax.random.key_data(rng), copy=True),
-                                    impl=jax.random.key_impl(rng))
+def _placed_key(rng: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A copy of the caller's key on `sharding` (the decode loop donates its carry, key
+    included; a jitted function's output is a new buffer); multi-host safe."""
+    data = sharding_lib.put_global(jax.random.key_data(rng), sharding)
+    return _wrap_key(data, jax.random.key_impl(rng))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _wrap_key(data: jax.Array, impl) -> jax.Array:
+    return jax.random.wrap_key_data(data, impl=impl)
+
+
+@jax.jit
+def _or(done: jax.Array, stopped: jax.Array) -> jax.Array:
+    return done | stopped
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
@@ -249,7 +263,7 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
         eos_token_ids = [] if config.eos_token_id is None else [config.eos_token_id]
     eos = set(int(e) for e in eos_token_ids)
     pad_id = pad_id if pad_id is not None else (config.pad_token_id or 0)
-    rng = _own_key(rng) if rng is not None else jax.random.key(0)
+    rng = rng if rng is not None else jax.random.key(0)
 
     real_rows = len(prompt_ids)
     # dummy rows (on a mesh) are done from the start
@@ -257,19 +271,18 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     rows, width = inputs[0].shape
     chunk = min(loop_tokens or (check_every if stop_strings else max_new_tokens), max_new_tokens)
     graphdef, state = nnx.split(model)
-    done = jnp.asarray(np.arange(rows) >= real_rows)
-    next_positions = jnp.asarray([len(p) for p in padded], jnp.int32)
+    done = np.arange(rows) >= real_rows
+    next_positions = np.asarray([len(p) for p in padded], np.int32)
     shardings = None
     context = contextlib.nullcontext()
-    if mesh is None:
-        done, next_positions, rng = jax.device_put((done, next_positions, rng),
-                                                   jax.devices()[0])
-    else:
+    rows_at = key_at = _first_device()
+    if mesh is not None:
         shardings = carry_shardings(config, mesh, rows, width + max_new_tokens)
-        done, next_positions, rng = jax.device_put(
-            (done, next_positions, rng), (shardings.done, shardings.positions, shardings.rng))
+        rows_at, key_at = shardings.done, shardings.rng
         context = jax.set_mesh(mesh)
-    eos_ids = jnp.asarray(sorted(eos), jnp.int32).reshape(-1)
+    done, next_positions = (sharding_lib.put_global(a, rows_at) for a in (done, next_positions))
+    rng = _placed_key(rng, key_at)
+    eos_ids = np.asarray(sorted(eos), np.int32).reshape(-1)  # numpy: replicated, as jit's input
 
     generated: list[list[int]] = [[] for _ in range(real_rows)]
     finish: list[Optional[str]] = [None] * real_rows
@@ -280,22 +293,20 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
         remaining = max_new_tokens
         while remaining > 0:
             carry, tokens, count = decode_chunk(graphdef, state, carry,
-                                                jnp.asarray(min(chunk, remaining), jnp.int32),
+                                                np.int32(min(chunk, remaining)),
                                                 chunk, float(temperature), float(top_p),
                                                 shardings, eos_ids)
             count = int(count)
-            stopped = _absorb(np.asarray(tokens)[:real_rows, :count], generated, finish, eos,
-                              tokenizer, stop_strings)
+            # every process sees every row's tokens (and stops the same rows)
+            stopped = _absorb(sharding_lib.fetch_global(tokens)[:real_rows, :count], generated,
+                              finish, eos, tokenizer, stop_strings)
             remaining -= count
             if all(f is not None for f in finish) or count == 0:
                 break
             if stopped:
                 mask = np.zeros(rows, bool)
                 mask[stopped] = True
-                done = carry.done | jnp.asarray(mask)
-                if shardings is not None:
-                    done = jax.device_put(done, shardings.done)
-                carry = carry._replace(done=done)
+                carry = carry._replace(done=_or(carry.done, sharding_lib.put_global(mask, rows_at)))
 
     finish = [f or FINISH_LENGTH for f in finish]
     texts = None

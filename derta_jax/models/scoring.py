@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from derta_jax.models.decode import batch_rows
+from derta_jax.models.sharding import fetch_global
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -42,4 +43,4 @@ def next_token_logits(model: Any, prompts: Sequence[Sequence[int]], *,
     graphdef, state = nnx.split(model)
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         logits = _last_logits(graphdef, state, *inputs)
-    return np.asarray(logits)[:len(prompts)]
+    return fetch_global(logits)[:len(prompts)]

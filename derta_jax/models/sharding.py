@@ -134,6 +134,29 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put_global(host: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """An array every process holds in full (the same value everywhere, e.g. a batch all
+    processes built from the same prompts) -> one jax.Array on `sharding`. Each process
+    places only its own devices' shards: no collective, safe on a multi-host slice (a plain
+    device_put would compare the value across processes first)."""
+    import numpy as np
+
+    value = np.asarray(host)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def fetch_global(array: jax.Array) -> Any:
+    """The whole value of `array` as numpy, on every process (gathered from the other
+    processes when it spans several)."""
+    import numpy as np
+
+    if array.is_fully_addressable or array.is_fully_replicated:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def kv_cache_shardings(model_config: Any, mesh: Mesh, batch_size: int, max_len: int,
                        rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> Any:
     """A KVCache of NamedShardings: rows over the batch axes (data, fsdp), kv heads over

@@ -13,10 +13,15 @@ no environment variables; its worker list lives in the metadata).
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import urllib.error
 import urllib.request
 from typing import Callable, Mapping, Optional
+
+import jax
+
+log = logging.getLogger(__name__)
 
 _GOOGLE_PCI_VENDOR = "0x1ae0"
 # PCI device ids of TPU chips (v3, v4, v5p, v5e, v6e, TPU7x); Google's other PCI devices
@@ -24,6 +29,7 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 _TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f",
                               "0x0076"})
 _METADATA = "http://{host}/computeMetadata/v1/instance/attributes/{key}"
+INITIALIZE_MODES = ("auto", "always", "never")
 
 
 def tpu_chips_attached(sysfs: str = "/sys/bus/pci/devices") -> int:
@@ -112,3 +118,28 @@ def multi_process_reason(environ: Mapping[str, str] = os.environ,
     if slices.isdigit() and int(slices) > 1:
         return f"Cloud TPU multislice with {slices} slices (metadata tpu-env)"
     return None
+
+
+def initialize_distributed(initialize: str, *, coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1, cpu_collectives: str = "gloo") -> None:
+    """jax.distributed.initialize, the one place every command (train, evaluate) starts the
+    multi-process runtime. initialize: always; never; auto = only when a coordinator is given or
+    `multi_process_reason` sees a multi-process launch (single-host runs skip it). Without a
+    coordinator address JAX finds the cluster itself (SLURM, TPU pods, Open MPI)."""
+    if initialize not in INITIALIZE_MODES:
+        raise ValueError(f"initialize={initialize!r}: use auto, always or never")
+    if initialize == "never":
+        return
+    if initialize == "auto" and not coordinator_address:
+        reason = multi_process_reason()
+        if reason is None:
+            return
+        log.info("distributed initialize=auto: %s; calling jax.distributed.initialize()", reason)
+    # CPU-only multi-process runs (tests, laptops) need a collectives backend; GPU and TPU
+    # clients ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    kwargs = {}
+    if coordinator_address:
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                      process_id=process_id)
+    jax.distributed.initialize(**kwargs)

@@ -18,6 +18,7 @@ from derta_jax.data.mixture import RECIPES
 from derta_jax.data.templates import TEMPLATE_NAMES as TEMPLATES
 from derta_jax.loss import NORMALIZATIONS, LossConfig
 from derta_jax.models.config import ModelConfig
+from derta_jax.train.cluster import INITIALIZE_MODES
 
 SCHEDULES = ("cosine", "linear", "constant")
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
@@ -180,6 +181,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(ck.every_steps >= 1, "checkpoint.every_steps", ck.every_steps, "must be >= 1")
     _check(ck.keep >= 1, "checkpoint.keep", ck.keep, "must be >= 1")
+    _check(config.distributed.initialize in INITIALIZE_MODES, "distributed.initialize",
+           config.distributed.initialize, "use auto, always or never")
     if config.lora.enabled:
         _check(config.lora.rank >= 1, "lora.rank", config.lora.rank, "must be >= 1")
         _check(0.0 <= config.lora.dropout < 1.0, "lora.dropout", config.lora.dropout,

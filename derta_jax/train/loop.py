@@ -34,7 +34,7 @@ from etils import epath
 
 from derta_jax import paths
 from derta_jax import workdir as wd
-from derta_jax.train import flops, mesh as mesh_lib
+from derta_jax.train import cluster, flops, mesh as mesh_lib
 from derta_jax.train.config import (ConfigError, build_model_config, validate,
                                     validate_against_model)
 from derta_jax.train.data import build_training_data
@@ -48,32 +48,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """jax.distributed.initialize from flags; with initialize=auto, only when
-    derta_jax.train.cluster sees a multi-process launch (single-host runs skip it)."""
-    from derta_jax.train import cluster
-
-    d = config.distributed
-    if d.initialize not in ("auto", "always", "never"):
-        raise ConfigError(f"distributed.initialize={d.initialize!r}: use auto, always or never")
-    if d.initialize == "never":
-        return
-    explicit = bool(d.coordinator_address)
-    if d.initialize == "auto" and not explicit:
-        reason = cluster.multi_process_reason()
-        if reason is None:
-            return
-        log.info("distributed.initialize=auto: %s; calling jax.distributed.initialize()", reason)
-    # CPU-only multi-process runs (tests, laptops) need a collectives backend; GPU and TPU
-    # clients ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
-    kwargs = {}
-    if explicit:
-        kwargs = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes,
-                      process_id=d.process_id)
-    jax.distributed.initialize(**kwargs)
 
 
 def _write_resolved_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
@@ -101,7 +75,8 @@ def _barrier(name: str) -> None:
 
 
 def run(config: ml_collections.ConfigDict) -> dict:
-    maybe_initialize_distributed(config)
+    validate(config)  # the distributed settings too, before the runtime starts
+    cluster.initialize_distributed(**config.distributed.to_dict())
     validate(config, jax.device_count())
     model_cfg = build_model_config(config)
     validate_against_model(config, model_cfg)  # bad input found before anything is written
