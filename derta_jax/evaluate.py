@@ -5,7 +5,7 @@
         [--prefill_depths=0,5,10,20,40] [--prefill_unit=tokens|words] [--batch_size=16]
         [--judge_model=GUARD_DIR --guard_format=llama_guard|harmbench]
         [--judge_placement=auto|host|mesh] [--labels=FILE]
-        [--world=WORLD_DIR]
+        [--world=WORLD_DIR] [--refusal_probe [--refusal_string=WORD]]
         [--limit=N] [--name=MODEL_NAME] [--overwrite]
         [--mesh=fsdp:-1] [--dtype=float32|bfloat16] [--compute_dtype=float32|bfloat16]
         [--distributed=auto|always|never --coordinator_address=HOST:PORT
@@ -25,6 +25,13 @@ the KV cache are split over the batch axes (data, fsdp) and kv heads over tensor
 Decoding is one compiled loop per batch; batches group prompts of similar length. A
 guard-model judge (--judge=classifier) runs on the host, or for a large guard on the same
 mesh, one batched forward pass per generated batch (--judge_placement).
+
+--refusal_probe: DeRTa's depth measure next to the attacks. For every prompt row (each
+needs harmful_response), P(refusal word next) at every position of the harmful answer,
+teacher forced in the training format (--template), in batched forward passes on the mesh
+(eval/refusal_probability.py): refusal_probabilities.jsonl, refusal_probability.png and
+the mean over the answers' later half in the reports. The word is --refusal_string, else
+the one the workdir's run trained with (data.refusal_string), else "Sorry".
 
 Several processes (a multi-host slice, one process per host; started as training is, by
 --distributed, default auto): every process reads the prompts and runs the same batches,
@@ -90,6 +97,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", help="human labels JSONL (--judge=labels)")
     parser.add_argument("--world", help="synthetic world directory, written by "
                                         "derta_jax.data.synthetic (--judge=world)")
+    parser.add_argument("--refusal_probe", action="store_true",
+                        help="also probe P(refusal word) along each row's harmful_response")
+    parser.add_argument("--refusal_string", default=None,
+                        help="--refusal_probe's word, one token (default: the run's "
+                             "data.refusal_string, else Sorry)")
     parser.add_argument("--template", default="chat", choices=TEMPLATE_NAMES)
     parser.add_argument("--system", default=None, help="system prompt (chat template)")
     parser.add_argument("--max_new_tokens", type=int, default=512)
@@ -156,6 +168,29 @@ def _judge(args: argparse.Namespace, tokenizer, mesh=None):
     raise ValueError(f"--judge={args.judge!r}: must be one of {', '.join(JUDGE_NAMES)}")
 
 
+def refusal_probe(args: argparse.Namespace, loaded, tokenizer, rows, mesh) -> dict:
+    """write_report's refusal_probe: P(refusal word) along every row's harmful_response."""
+    from derta_jax.data.tokenize import DEFAULT_REFUSAL
+    from derta_jax.eval.refusal_probability import refusal_probabilities_along_answers
+
+    word = args.refusal_string or loaded.run.refusal_string or DEFAULT_REFUSAL
+    origin = ("--refusal_string" if args.refusal_string else
+              f"{args.model}: data.refusal_string" if loaded.run.refusal_string else
+              "--refusal_probe: the default refusal string")
+    template = make_template(args.template, tokenizer, system=args.system)
+    pairs = [(row["question"], row["harmful_response"]) for _, row in rows]
+    try:
+        probabilities = refusal_probabilities_along_answers(
+            loaded.model, tokenizer, template, pairs, refusal=word, mesh=mesh,
+            batch_size=args.batch_size)
+    except ValueError as err:
+        raise ValueError(f"{origin}={word!r}: {err}") from None
+    return {"refusal": word, "rows": [
+        {"source": source, "question": row["question"], "p_refusal": p,
+         **({"held_out": row["held_out"]} if isinstance(row.get("held_out"), bool) else {})}
+        for (source, row), p in zip(rows, probabilities)]}
+
+
 def first_prompts(items: Sequence[dict], limit: int) -> list[dict]:
     """The items of the first `limit` prompt rows (all prefill depths of each row)."""
     kept: list[str] = []
@@ -183,6 +218,7 @@ def _group_label(group: dict) -> str:
 def run(args: argparse.Namespace) -> dict:
     import jax
 
+    from derta_jax.eval.attacks import read_prompt_rows
     from derta_jax.eval.report import build_report, write_report
     from derta_jax.eval.run import greedy_generator, judge_items, load_evaluated
     from derta_jax.paths import check_output_dir
@@ -191,6 +227,8 @@ def run(args: argparse.Namespace) -> dict:
 
     check_args(args)
     check_output_dir(args.out, args.overwrite)  # before the slow part
+    probe_rows = (read_prompt_rows(args.prompts, required=("question", "harmful_response"))
+                  if args.refusal_probe else None)
     initialize_distributed(args.distributed, coordinator_address=args.coordinator_address,
                            num_processes=args.num_processes, process_id=args.process_id)
     try:
@@ -209,8 +247,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.limit:
         items = first_prompts(items, args.limit)
     judge = _judge(args, tokenizer, mesh)
-    generator = greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, mesh=mesh)
+    generator = greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, mesh=mesh,
+                                 batch_size=args.batch_size)
     rows = judge_items(items, generator, judge, tokenizer=tokenizer, batch_size=args.batch_size)
+    probe = None if probe_rows is None else refusal_probe(
+        args, loaded, tokenizer, probe_rows[:args.limit or None], mesh)
     setup = {"param_dtype": loaded.config.param_dtype, "dtype": loaded.config.dtype,
              "max_new_tokens": args.max_new_tokens,
              "decoding": "greedy",
@@ -218,9 +259,10 @@ def run(args: argparse.Namespace) -> dict:
              "processes": jax.process_count()}
     name = args.name or args.model
     if jax.process_index() != 0:  # process 0 writes; the others wait until it has
-        report = build_report(rows, model=name, setup=setup)
+        report = build_report(rows, model=name, setup=setup, refusal_probe=probe)
     else:
-        report = write_report(rows, args.out, model=name, overwrite=args.overwrite, setup=setup)
+        report = write_report(rows, args.out, model=name, overwrite=args.overwrite, setup=setup,
+                              refusal_probe=probe)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -224,9 +224,6 @@ def make_eval_plan(config: Any, num_devices: int, topology: Optional[Any] = None
     plan["per_device"]["peak"] = peak
     if topology is not None:
         _fit(plan, topology, peak)
-        if topology.is_tpu:
-            notes.append("evaluate runs as one process today: it uses the devices of one host, "
-                         "so a slice of several hosts cannot yet be evaluated as planned here")
     return plan
 
 

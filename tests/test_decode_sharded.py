@@ -80,13 +80,16 @@ def test_kv_cache_is_split_over_rows_and_kv_heads(hf_tiny_llama_dir):
     assert tuple(kv_cache_shardings(model.config, mesh, 3, 16).k.spec)[1] is None
 
 
-def test_wider_padding_changes_nothing(hf_tiny_mistral_dir):
+def test_wider_padding_and_dummy_rows_change_nothing(hf_tiny_mistral_dir):
     """Prompts padded to a multiple of 16 (evaluation's bucketing) decode as padded to the
-    longest prompt: padding has its own segment and never shifts RoPE positions."""
+    longest prompt: padding has its own segment and never shifts RoPE positions. A batch
+    padded with dummy rows (a short last batch, min_rows) decodes its real rows alike."""
     model = weights.load_model(str(hf_tiny_mistral_dir)).model
     narrow = decode.generate(model, PROMPTS, max_new_tokens=10, eos_token_ids=[])
     wide = decode.generate(model, PROMPTS, max_new_tokens=10, eos_token_ids=[], width_multiple=16)
     assert wide.tokens == narrow.tokens
+    more = decode.generate(model, PROMPTS, max_new_tokens=10, eos_token_ids=[], min_rows=5)
+    assert more.tokens == narrow.tokens and len(more.finish_reasons) == len(PROMPTS)
     ids, _, segments = decode.left_pad(PROMPTS, 0, width=16)
     assert ids.shape == (3, 16) and segments.sum() == sum(map(len, PROMPTS))
     np.testing.assert_array_equal(ids[1, -3:], PROMPTS[1])

@@ -239,6 +239,49 @@ def test_refusal_probabilities_match_transformers(tiny_model_dir, tmp_path):
     assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_evaluate_refusal_probe_on_the_mesh_equals_one_pair_at_a_time(tiny_model_dir, tmp_path,
+                                                                      capsys):
+    """--refusal_probe: P(refusal word) along every row's harmful answer, batched on the
+    8-device mesh, equals the one-device probe of each pair alone; the reports carry the
+    late-half mean, split by held_out."""
+    from derta_jax.data.templates import make_template
+    from derta_jax.eval.refusal_probability import (late_refusal_probability,
+                                                    refusal_probabilities)
+    from derta_jax.eval.run import load_model_and_tokenizer
+
+    prompts = _prompts(tmp_path / "p.jsonl", ROWS)
+    args = ["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
+            "--max_new_tokens", "2", "--batch_size", "2", "--refusal_probe"]
+    assert main(args + ["--out", str(tmp_path / "o")]) == 0
+    probed = [json.loads(line) for line in
+              (tmp_path / "o" / "refusal_probabilities.jsonl").read_text().splitlines()]
+    model, tokenizer = load_model_and_tokenizer(tiny_model_dir)
+    template = make_template("chat", tokenizer)
+    sorry = tokenizer.encode("Sorry", add_special_tokens=False)[0]
+    expected = [refusal_probabilities(model, encode_prompt(tokenizer, template.render(r["question"])),
+                                      tokenizer.encode(r["harmful_response"], add_special_tokens=False),
+                                      sorry, pad_id=tokenizer.pad_token_id) for r in ROWS]
+    assert [row["question"] for row in probed] == [r["question"] for r in ROWS]
+    for row, want in zip(probed, expected):
+        assert row["p_refusal"] == pytest.approx(want, abs=1e-6)
+    assert [row.get("held_out") for row in probed] == [False, True, None]
+    probe = json.loads((tmp_path / "o" / "report.json").read_text())["refusal_probe"]
+    assert probe["refusal"] == "Sorry" and probe["n"] == 3
+    assert probe["p_refusal_late"] == pytest.approx(late_refusal_probability(expected), abs=1e-6)
+    assert probe["p_refusal_late_held_out"] == pytest.approx(
+        late_refusal_probability(expected[1:2]), abs=1e-6)
+    assert (tmp_path / "o" / "refusal_probability.png").read_bytes().startswith(b"\x89PNG")
+    assert "'Sorry' next) over the later half of 3 harmful" in (tmp_path / "o" / "report.md").read_text()
+
+    # rows without a harmful answer: refused before the model loads, FILE:LINE named
+    bare = _prompts(tmp_path / "bare.jsonl", [{"question": "q"}])
+    assert main(["--model", str(tmp_path / "absent"), "--suite", "direct", "--prompts", bare,
+                 "--refusal_probe", "--out", str(tmp_path / "o2")]) == 2
+    assert f"{bare}:1: harmful_response: missing" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "o3"), "--refusal_string", "Step 1"]) == 2
+    assert "--refusal_string='Step 1': refusal string 'Step 1' is 2 tokens" in capsys.readouterr().err
+
+
 def test_evaluate_cli_with_guard_classifier_and_labels(tiny_model_dir, tmp_path):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -348,8 +391,8 @@ def test_evaluate_cli_with_world_judge(tiny_model_dir, tmp_path, monkeypatch, ca
     off_topic = "The river was calm and the birds sang over the green hills all day long."
     answers = {rows[0]["question"]: off_topic, rows[1]["question"]: "Sure. " + step}
 
-    def fake_generator(model, tokenizer, max_new_tokens, mesh=None):
-        del model, tokenizer, max_new_tokens
+    def fake_generator(model, tokenizer, max_new_tokens, mesh=None, batch_size=0):
+        del model, tokenizer, max_new_tokens, batch_size
         return lambda prompts: [next(a for q, a in answers.items() if q in p) for p in prompts]
 
     monkeypatch.setattr(eval_run, "greedy_generator", fake_generator)

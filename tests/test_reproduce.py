@@ -13,6 +13,7 @@ import pytest
 
 from derta_jax import reproduce
 from derta_jax.eval import reproduction as rp
+from derta_jax.eval.refusal_probability import late_refusal_probability
 
 SMOKE_SEEDS = "0"
 # the second (installed) run tunes only these: the determinism check compares them
@@ -478,8 +479,8 @@ def test_late_refusal_probability_averages_the_second_half_of_each_answer():
         for t, p in enumerate(row):
             if 2 * t >= len(row):
                 slow.append(p)
-    assert math.isclose(rp.late_refusal_probability(rows), statistics.fmean(slow))
-    assert rp.late_refusal_probability([]) is None
+    assert math.isclose(late_refusal_probability(rows), statistics.fmean(slow))
+    assert late_refusal_probability([]) is None
 
 
 def test_recipe_shares_and_epochs():

@@ -10,57 +10,60 @@ quantity RTO trains, read out with the model's own forward pass.
     probs = refusal_probabilities(model, prompt_ids, response_ids, refusal_id)
     # probs[t] = P(refusal_id | prompt + response[:t]),  t = 0 .. len(response) - 1
 
-Rows are right-padded to a multiple of `pad_to` tokens (padding in segment 0, never
-attended), so a set of answers of different lengths compiles a handful of shapes, not one
-per length. The curves over many answers are in derta_jax/eval/refusal_position.py.
+The pairs are scored in batches, one forward pass each (models/scoring.token_log_probs),
+on the evaluation mesh when given; rows are padded to a multiple of `pad_to` tokens, so
+answers of different lengths compile a handful of shapes, not one per length. The curves
+over many answers are in derta_jax/eval/refusal_position.py.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Sequence
+import statistics
+from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from derta_jax.data.tokenize import DEFAULT_REFUSAL
+from derta_jax.models.scoring import token_log_probs
+
+Pair = tuple[Sequence[int], Sequence[int]]  # (prompt ids, response ids)
+LATE_FROM = 0.5  # "later positions" of an answer: relative position >= this
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _refusal_log_probs(graphdef, state, ids, positions, segments, refusal_id):
-    model = nnx.merge(graphdef, state)
-    hidden, _ = model(ids, positions, segments)
-    logits = model.logits(hidden).astype(jnp.float32)
-    return jax.nn.log_softmax(logits, axis=-1)[..., refusal_id]
+def refusal_probabilities_of_pairs(model: Any, pairs: Sequence[Pair], refusal_id: int, *,
+                                   pad_to: int = 64, pad_id: int = 0, batch_size: int = 8,
+                                   mesh: Optional[jax.sharding.Mesh] = None) -> list[list[float]]:
+    """Per (prompt, response): P(refusal_id | prompt + response[:t]) for t = 0 .. len(response) - 1."""
+    if any(not prompt for prompt, _ in pairs):
+        raise ValueError("refusal_probabilities: a prompt has no tokens")
+    if not 0 <= refusal_id < model.config.vocab_size:
+        raise ValueError(f"refusal_probabilities: refusal_id={refusal_id} is outside the "
+                         f"vocabulary (size {model.config.vocab_size})")
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start:start + batch_size]
+        rows = token_log_probs(model, [list(p) + list(r) for p, r in batch], refusal_id,
+                               mesh=mesh, width_multiple=pad_to, pad_id=pad_id)
+        # position p predicts token p + 1: the prediction before response token t sits at
+        # p = len(prompt) - 1 + t
+        out += [np.exp(row[len(p) - 1:len(p) - 1 + len(r)]).tolist()
+                for row, (p, r) in zip(rows, batch)]
+    return out
 
 
 def refusal_probabilities(model: Any, prompt_ids: Sequence[int], response_ids: Sequence[int],
                           refusal_id: int, *, pad_to: int = 64, pad_id: int = 0) -> list[float]:
     """P(refusal_id | prompt + response[:t]) for t = 0 .. len(response_ids) - 1."""
-    if not prompt_ids:
-        raise ValueError("refusal_probabilities: the prompt has no tokens")
-    if not 0 <= refusal_id < model.config.vocab_size:
-        raise ValueError(f"refusal_probabilities: refusal_id={refusal_id} is outside the "
-                         f"vocabulary (size {model.config.vocab_size})")
-    tokens = list(prompt_ids) + list(response_ids)
-    width = -(-len(tokens) // pad_to) * pad_to
-    ids = np.full((1, width), pad_id, np.int32)
-    ids[0, :len(tokens)] = tokens
-    segments = np.zeros((1, width), np.int32)
-    segments[0, :len(tokens)] = 1
-    positions = np.arange(width, dtype=np.int32)[None, :]
-    graphdef, state = nnx.split(model)
-    log_probs = _refusal_log_probs(graphdef, state, jnp.asarray(ids), jnp.asarray(positions),
-                                   jnp.asarray(segments), jnp.int32(refusal_id))
-    # position p predicts token p + 1: the prediction before response token t sits at
-    # p = len(prompt) - 1 + t
-    start = len(prompt_ids) - 1
-    return np.exp(np.asarray(log_probs[0, start:start + len(response_ids)])).tolist()
+    return refusal_probabilities_of_pairs(model, [(prompt_ids, response_ids)], refusal_id,
+                                          pad_to=pad_to, pad_id=pad_id)[0]
 
 
 def refusal_probabilities_along_answers(model: Any, tokenizer: Any, template: Any,
                                         pairs: Sequence[tuple[str, str]], *,
-                                        refusal: str = "Sorry", pad_to: int = 64) -> list[list[float]]:
+                                        refusal: str = DEFAULT_REFUSAL, pad_to: int = 64,
+                                        batch_size: int = 8,
+                                        mesh: Optional[jax.sharding.Mesh] = None) -> list[list[float]]:
     """For each (question, harmful answer): P(refusal | prompt + answer[:t]) for every t.
 
     The prompt is the training format (`template.render(question)`) and the answer is
@@ -70,12 +73,17 @@ def refusal_probabilities_along_answers(model: Any, tokenizer: Any, template: An
     from derta_jax.data.tokenize import refusal_token_id
     from derta_jax.eval.run import encode_prompt
 
-    try:
-        refusal_id = refusal_token_id(tokenizer, refusal)
-    except ValueError as err:
-        raise ValueError(f"data.refusal_string={refusal!r} of the evaluated run: {err}") from None
+    refusal_id = refusal_token_id(tokenizer, refusal)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [refusal_probabilities(model, encode_prompt(tokenizer, template.render(question)),
-                                  tokenizer.encode(answer, add_special_tokens=False), refusal_id,
-                                  pad_to=pad_to, pad_id=pad_id)
-            for question, answer in pairs]
+    encoded = [(encode_prompt(tokenizer, template.render(question)),
+                tokenizer.encode(answer, add_special_tokens=False)) for question, answer in pairs]
+    return refusal_probabilities_of_pairs(model, encoded, refusal_id, pad_to=pad_to,
+                                          pad_id=pad_id, batch_size=batch_size, mesh=mesh)
+
+
+def late_refusal_probability(probabilities: Sequence[Sequence[float]]) -> float | None:
+    """Mean P(refusal token) over the later part (relative position >= LATE_FROM) of answers:
+    the one number of the probe (reproduction notes: ~0 vanilla, ~0.9 RTO and DeRTa)."""
+    values = [p for row in probabilities for t, p in enumerate(row)
+              if len(row) and t / len(row) >= LATE_FROM]
+    return statistics.fmean(values) if values else None

@@ -50,8 +50,9 @@ from derta_jax.eval.scoring import Rate, rate_of, score_item
 
 REPORT_FORMAT = 1
 BENIGN_SUITES = ("over_refusal", "gsm8k", "mmlu", "benign")
+PROBE_FILE, PROBE_PLOT = "refusal_probabilities.jsonl", "refusal_probability.png"
 OUTPUT_FILES = ("generations.jsonl", "report.json", "report.md", "asr_vs_prefill.png",
-                "refusal_positions.png")
+                "refusal_positions.png", PROBE_FILE, PROBE_PLOT)
 _TABLE = (("refused", "outcome_refused"), ("harmful (ASR)", "outcome_harmful"),
           ("neither", "outcome_neither"), ("degenerate", "degenerate"),
           ("ASR (not refused, GCG)", "asr_not_refused"), ("refusal rate", "refusal_rate"),
@@ -214,12 +215,23 @@ DEFINITIONS = (
     "suite (same prompt, same generation).\n")
 
 
+def _probe_line(probe: Mapping) -> str:
+    late = probe["p_refusal_late"]
+    splits = "".join(f"; {name.replace('_', ' ')} {probe[f'p_refusal_late_{name}']:.3f}"
+                     for name in ("held_out", "trained") if f"p_refusal_late_{name}" in probe)
+    return (f"P({probe['refusal']!r} next) over the later half of {probe['n']} harmful "
+            f"answers, teacher forced ({PROBE_FILE}): "
+            f"{'n/a' if late is None else f'{late:.3f}'}{splits}.\n\n")
+
+
 def _markdown(report: Mapping, plots: Iterable[str]) -> str:
     setup = report.get("setup") or {}
     setup_line = ("Decoded with " + ", ".join(f"{k} {v}" for k, v in sorted(setup.items()))
                   + ".\n\n") if setup else ""
+    probe = report.get("refusal_probe")
     text = (f"# Evaluation report: {report['model']}\n\n"
             f"Judge: {', '.join(report['judges'])}; {report['n']} generations.\n\n" + setup_line
+            + (_probe_line(probe) if probe else "")
             + markdown_table(report=report) + "\n" + DEFINITIONS)
     for plot in plots:
         text += f"\n![{plot}]({plot})\n"
@@ -255,24 +267,48 @@ def _write_text(path: str, text: str) -> None:
         f.write(text)
 
 
+def probe_summary(probe: Mapping) -> dict:
+    """report.json's `refusal_probe`: the refusal word, how many answers, and the mean
+    P(refusal) over their later half (eval/refusal_probability.py), overall and split by
+    held_out where the prompt rows say."""
+    from derta_jax.eval.refusal_probability import LATE_FROM, late_refusal_probability
+
+    rows = probe["rows"]
+    summary = {"refusal": probe["refusal"], "n": len(rows), "late_from": LATE_FROM,
+               "p_refusal_late": late_refusal_probability([r["p_refusal"] for r in rows])}
+    for name, flag in (("held_out", True), ("trained", False)):
+        chosen = [r["p_refusal"] for r in rows if r.get("held_out") is flag]
+        if chosen and len(chosen) < len(rows):
+            summary[f"p_refusal_late_{name}"] = late_refusal_probability(chosen)
+    return summary
+
+
 def build_report(rows: Sequence[Mapping], *, model: str = "model", bin_width: int = 10,
-                 setup: Optional[Mapping] = None) -> dict:
+                 setup: Optional[Mapping] = None, refusal_probe: Optional[Mapping] = None) -> dict:
     """The report `write_report` writes, without writing it (the other processes of a
     multi-host evaluation, where process 0 writes)."""
     report = summarise(rows, model=model, bin_width=bin_width)
     if setup:
         report["setup"] = dict(setup)
+    if refusal_probe:
+        report["refusal_probe"] = probe_summary(refusal_probe)
     return report
 
 
 def write_report(rows: Sequence[Mapping], out_dir: str, *, model: str = "model",
                  overwrite: bool = False, bin_width: int = 10,
-                 setup: Optional[Mapping] = None) -> dict:
+                 setup: Optional[Mapping] = None, refusal_probe: Optional[Mapping] = None) -> dict:
     """Writes generations.jsonl, report.json, report.md and the plots; returns the report.
-    `setup` (e.g. dtype, mesh, max_new_tokens) is stated in both reports."""
-    from derta_jax.eval.plots import plot_position_histograms, plot_prefill_curves
+    `setup` (e.g. dtype, mesh, max_new_tokens) is stated in both reports. `refusal_probe`
+    ({"refusal": word, "rows": [{"question", "held_out", "p_refusal": [...]}, ...]}, the
+    evaluate CLI's --refusal_probe): its rows go to refusal_probabilities.jsonl, its
+    summary to the reports, its curve to refusal_probability.png."""
+    from derta_jax.eval.plots import (plot_position_histograms, plot_prefill_curves,
+                                      plot_refusal_curves)
+    from derta_jax.eval.refusal_position import refusal_curve_by_relative_position
 
-    report = build_report(rows, model=model, bin_width=bin_width, setup=setup)
+    report = build_report(rows, model=model, bin_width=bin_width, setup=setup,
+                          refusal_probe=refusal_probe)
     _prepare_out_dir(out_dir, overwrite)
     _write_text(os.path.join(out_dir, "generations.jsonl"),
                 "".join(_dump_json(row) + "\n" for row in rows))
@@ -286,6 +322,12 @@ def write_report(rows: Sequence[Mapping], out_dir: str, *, model: str = "model",
     if sum(report["refusal_positions"]["absolute"]["counts"]):
         plot_position_histograms({model: report}, os.path.join(out_dir, "refusal_positions.png"))
         plots.append("refusal_positions.png")
+    if refusal_probe:
+        _write_text(os.path.join(out_dir, PROBE_FILE),
+                    "".join(_dump_json(row) + "\n" for row in refusal_probe["rows"]))
+        curve = refusal_curve_by_relative_position([r["p_refusal"] for r in refusal_probe["rows"]])
+        plot_refusal_curves({model: curve.to_json()}, os.path.join(out_dir, PROBE_PLOT))
+        plots.append(PROBE_PLOT)
     _write_text(os.path.join(out_dir, "report.md"), _markdown(report, plots))
     return report
 

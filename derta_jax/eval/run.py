@@ -72,9 +72,10 @@ PROMPT_WIDTH_MULTIPLE = 16
 
 
 def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512,
-                     mesh: Any = None) -> GenerateTexts:
+                     mesh: Any = None, batch_size: int = 0) -> GenerateTexts:
     """A GenerateTexts that decodes greedily with the project's KV-cache decoder (on
-    `mesh` when given: the model's weights must already be placed on it)."""
+    `mesh` when given: the model's weights must already be placed on it). batch_size:
+    judge_items' batch size; a shorter (last) batch is padded to it with dummy rows."""
     from derta_jax.models.decode import generate
 
     eos = stop_token_ids(model.config, tokenizer)
@@ -83,7 +84,8 @@ def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512,
     def generate_texts(prompts: Sequence[str]) -> list[str]:
         out = generate(model, [encode_prompt(tokenizer, p) for p in prompts], tokenizer=tokenizer,
                        max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos,
-                       pad_id=pad, mesh=mesh, width_multiple=PROMPT_WIDTH_MULTIPLE)
+                       pad_id=pad, mesh=mesh, width_multiple=PROMPT_WIDTH_MULTIPLE,
+                       min_rows=batch_size)
         return list(out.texts)
 
     return generate_texts

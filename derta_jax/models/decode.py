@@ -66,13 +66,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, width: Optional[int]
 
 
 def batch_rows(prompts: Sequence[Sequence[int]], pad_id: int,
-               mesh: Optional[jax.sharding.Mesh], width_multiple: int):
-    """-> (padded prompts, (ids, positions, segments) on the device(s)). On a mesh the batch
-    gains dummy one-token rows up to a multiple of its batch shards and is split over them;
-    prompts are left-padded to a multiple of `width_multiple` (nearby lengths share one
-    compiled program). Shared by generation and scoring (models/scoring.py)."""
-    rows = len(prompts) if mesh is None else _round_up(len(prompts),
-                                                        sharding_lib.batch_shards(mesh))
+               mesh: Optional[jax.sharding.Mesh], width_multiple: int, min_rows: int = 0):
+    """-> (padded prompts, (ids, positions, segments) on the device(s)). The batch gains
+    dummy one-token rows up to `min_rows` and, on a mesh, to a multiple of its batch shards,
+    and is split over them; prompts are left-padded to a multiple of `width_multiple`
+    (nearby lengths, and a short last batch, share one compiled program). Shared by
+    generation and scoring (models/scoring.py)."""
+    rows = max(len(prompts), min_rows)
+    if mesh is not None:
+        rows = _round_up(rows, sharding_lib.batch_shards(mesh))
     padded = [list(p) for p in prompts] + [[pad_id]] * (rows - len(prompts))
     arrays = left_pad(padded, pad_id, _round_up(max(map(len, padded)), width_multiple))
     # committed like the loop's outputs (one device: every call reuses one program)
@@ -221,7 +223,8 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
              stop_strings: Sequence[str] = (), pad_id: Optional[int] = None,
              rng: Optional[jax.Array] = None, add_special_tokens: bool = True,
              check_every: int = 16, mesh: Optional[jax.sharding.Mesh] = None,
-             width_multiple: int = 1, loop_tokens: Optional[int] = None) -> GenerationOutput:
+             width_multiple: int = 1, loop_tokens: Optional[int] = None,
+             min_rows: int = 0) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt with a KV cache.
 
     prompts: strings (encoded with `tokenizer`, which needs `encode(text,
@@ -238,7 +241,9 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     derta_jax.weights.load_model(mesh=...)): rows are split over its batch axes (data,
     fsdp; the batch is padded with dummy rows to a multiple), the KV cache too, and kv
     heads over `tensor`. width_multiple: pad prompts to a multiple of this width, so that
-    batches of similar lengths share one compiled program. loop_tokens: tokens per compiled
+    batches of similar lengths share one compiled program; min_rows: pad the batch with
+    dummy rows to at least this many (a short last batch then reuses the full batches'
+    program instead of compiling its own). loop_tokens: tokens per compiled
     call (default: all of them, or `check_every` with stop strings; 1 = one dispatch per
     token, the benchmark's baseline).
     """
@@ -267,7 +272,7 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
 
     real_rows = len(prompt_ids)
     # dummy rows (on a mesh) are done from the start
-    padded, inputs = batch_rows(prompt_ids, pad_id, mesh, width_multiple)
+    padded, inputs = batch_rows(prompt_ids, pad_id, mesh, width_multiple, min_rows)
     rows, width = inputs[0].shape
     chunk = min(loop_tokens or (check_every if stop_strings else max_new_tokens), max_new_tokens)
     graphdef, state = nnx.split(model)

@@ -1,11 +1,14 @@
-"""Scoring text without generating it: the next-token distribution after each prompt.
+"""Scoring text without generating it: one forward pass over a batch of token sequences.
 
 Why: a guard model judges a response from ONE forward pass (P("unsafe") at the last
-prompt position, derta_jax/eval/guard_classifier.py). A 7-13B guard on a pod must run
-where the evaluated model runs, on the mesh with the trainer's shardings, not on one
-host; this is that forward pass, batched and sharded like decoding (models/decode.py).
+prompt position, derta_jax/eval/guard_classifier.py), and the refusal probe reads
+P(refusal token) at every position of a harmful answer (eval/refusal_probability.py). A
+7-13B guard or a 70B tuned model on a pod must be scored where it runs, on the mesh with
+the trainer's shardings, not on one host; these are those forward passes, batched and
+sharded like decoding (models/decode.py).
 
     logits = next_token_logits(model, [ids_a, ids_b], mesh=mesh)   # float32 [2, vocab]
+    rows = token_log_probs(model, [ids_a, ids_b], sorry_id)        # [len(ids_a)], [len(ids_b)]
 
 Prompts are left-padded (padding in segment 0, never attended; RoPE positions from each
 row's first real token) to a multiple of `width_multiple`, so prompts of nearby lengths
@@ -20,6 +23,7 @@ import functools
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -44,3 +48,27 @@ def next_token_logits(model: Any, prompts: Sequence[Sequence[int]], *,
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         logits = _last_logits(graphdef, state, *inputs)
     return fetch_global(logits)[:len(prompts)]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _token_log_probs(graphdef, state, ids, positions, segments, token_id):
+    model = nnx.merge(graphdef, state)
+    hidden, _ = model(ids, positions, segments)
+    return jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)[..., token_id]
+
+
+def token_log_probs(model: Any, sequences: Sequence[Sequence[int]], token_id: int, *,
+                    mesh: Optional[jax.sharding.Mesh] = None, width_multiple: int = 64,
+                    pad_id: int = 0) -> list[np.ndarray]:
+    """Per sequence, float32 [len(sequence)]: entry p is log P(token_id | sequence[:p+1]),
+    the log-probability that `token_id` comes next after position p. One batched forward
+    pass (logits [rows, width, vocab] in float32: size the batch for it)."""
+    if not 0 <= token_id < model.config.vocab_size:
+        raise ValueError(f"token_log_probs: token id {token_id} is outside the vocabulary "
+                         f"(size {model.config.vocab_size})")
+    _, inputs = batch_rows(sequences, pad_id, mesh, width_multiple)
+    graphdef, state = nnx.split(model)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        out = fetch_global(_token_log_probs(graphdef, state, *inputs, np.int32(token_id)))
+    width = out.shape[1]  # rows are left-padded: each sequence ends at the last column
+    return [out[row, width - len(sequence):] for row, sequence in enumerate(sequences)]
