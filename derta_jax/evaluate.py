@@ -2,7 +2,8 @@
 
     python -m derta_jax.evaluate --model=HF_DIR_or_WORKDIR [--step=N] --suite=SUITE \\
         --prompts=FILE.jsonl --judge=keyword --out=DIR [--template=chat|reference|plain] [--max_new_tokens=512]
-        [--prefill_depths=0,5,10,20,40] [--prefill_unit=tokens|words] [--batch_size=16]
+        [--prefill_depths=0,5,10,20,40] [--prefill_unit=tokens|words] [--rank_k=20]
+        [--batch_size=16]
         [--judge_model=GUARD_DIR --guard_format=llama_guard|harmbench]
         [--judge_placement=auto|host|mesh] [--labels=FILE]
         [--world=WORLD_DIR] [--refusal_probe [--refusal_string=WORD]]
@@ -25,6 +26,12 @@ the KV cache are split over the batch axes (data, fsdp) and kv heads over tensor
 Decoding is one compiled loop per batch; batches group prompts of similar length. A
 guard-model judge (--judge=classifier) runs on the host, or for a large guard on the same
 mesh, one batched forward pass per generated batch (--judge_placement).
+
+--suite=rank_prefill: rank-assisted prefilling (eval/rank_prefill.py; arXiv 2512.05518):
+at each of the first k tokens of the row's harmful_response (k of --prefill_depths), the
+reference token is fed when the model ranks it in its top --rank_k, else the model's
+best-ranked token that opens no refusal; then the model answers greedily. A refusal that
+holds against --suite=prefill but not here is deep in probability, not in rank.
 
 --refusal_probe: DeRTa's depth measure next to the attacks. For every prompt row (each
 needs harmful_response), P(refusal word next) at every position of the harmful answer,
@@ -50,6 +57,7 @@ from derta_jax.data.formats import DataError
 from derta_jax.data.templates import TEMPLATE_NAMES, make_template
 from derta_jax.eval.attacks import DEFAULT_PREFILL_DEPTHS, PREFILL_UNITS, SUITES, build_suite
 from derta_jax.eval.judges import JUDGE_NAMES, make_judge
+from derta_jax.eval.rank_prefill import DEFAULT_RANK_K
 from derta_jax.train.cluster import INITIALIZE_MODES
 
 
@@ -108,6 +116,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--prefill_depths", type=_depths, default=DEFAULT_PREFILL_DEPTHS)
     parser.add_argument("--prefill_unit", default="tokens", choices=PREFILL_UNITS)
+    parser.add_argument("--rank_k", type=int, default=DEFAULT_RANK_K,
+                        help="--suite=rank_prefill: the reference token is fed only when it "
+                             "ranks in the model's top k, else the best top-k token that "
+                             "opens no refusal (arXiv 2512.05518 uses 20)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
     parser.add_argument("--name", default=None, help="model name in the report (default: --model)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
@@ -136,8 +148,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Argument errors, found before the (slow) model load."""
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.limit < 0:
-        raise ValueError("--max_new_tokens and --batch_size must be >= 1, --limit >= 0")
+    for flag, low in (("max_new_tokens", 1), ("batch_size", 1), ("rank_k", 1), ("limit", 0)):
+        if getattr(args, flag) < low:
+            raise ValueError(f"--{flag}={getattr(args, flag)}: must be >= {low}")
     if args.coordinator_address and not 0 <= args.process_id < args.num_processes:
         raise ValueError(f"--coordinator_address needs --num_processes >= 1 and --process_id "
                          f"in 0..num_processes-1, got --num_processes={args.num_processes} "
@@ -166,6 +179,24 @@ def _judge(args: argparse.Namespace, tokenizer, mesh=None):
     if args.judge == "labels":
         return make_judge("labels", path=args.labels)
     raise ValueError(f"--judge={args.judge!r}: must be one of {', '.join(JUDGE_NAMES)}")
+
+
+def _items(args: argparse.Namespace, loaded, tokenizer, template, mesh) -> list[dict]:
+    """The suite's items, the first --limit prompt rows of them."""
+    if args.suite == "rank_prefill":  # the model chooses the prefill
+        from derta_jax.eval.attacks import REQUIRED_FIELDS, read_prompt_rows
+        from derta_jax.eval.rank_prefill import rank_prefill_items
+        from derta_jax.eval.run import stop_token_ids
+
+        rows = read_prompt_rows(args.prompts, REQUIRED_FIELDS["rank_prefill"])
+        return rank_prefill_items(loaded.model, tokenizer, rows[:args.limit or None], template,
+                                  depths=args.prefill_depths, rank_k=args.rank_k,
+                                  eos_token_ids=stop_token_ids(loaded.config, tokenizer),
+                                  mesh=mesh, batch_size=args.batch_size)
+    options = ({"depths": args.prefill_depths, "unit": args.prefill_unit}
+               if args.suite == "prefill" else {})
+    items = build_suite(args.suite, args.prompts, template, tokenizer=tokenizer, **options)
+    return first_prompts(items, args.limit) if args.limit else items
 
 
 def refusal_probe(args: argparse.Namespace, loaded, tokenizer, rows, mesh) -> dict:
@@ -241,11 +272,7 @@ def run(args: argparse.Namespace) -> dict:
     model = loaded.model
     template = None if args.suite == "completion" else make_template(
         args.template, tokenizer, system=args.system)
-    options = ({"depths": args.prefill_depths, "unit": args.prefill_unit}
-               if args.suite == "prefill" else {})
-    items = build_suite(args.suite, args.prompts, template, tokenizer=tokenizer, **options)
-    if args.limit:
-        items = first_prompts(items, args.limit)
+    items = _items(args, loaded, tokenizer, template, mesh)
     judge = _judge(args, tokenizer, mesh)
     generator = greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, mesh=mesh,
                                  batch_size=args.batch_size)

@@ -116,6 +116,26 @@ import os  # noqa: E402  (kept inside this section so the sections stay independ
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, small_tokenizer):
+    """A random LlamaForCausalLM over the small BPE tokenizer (tests/fixtures_tokenizers.py),
+    saved as safetensors + tokenizer: the evaluation tests' model (greedy text is varied)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(small_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=small_tokenizer.bos_token_id,
+                         eos_token_id=small_tokenizer.eos_token_id,
+                         pad_token_id=small_tokenizer.pad_token_id, initializer_range=0.3)
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_model")
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+    small_tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 def _smollm2_cache_dir() -> pathlib.Path:
     import derta_jax
     import transformers

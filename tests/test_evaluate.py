@@ -15,25 +15,6 @@ from derta_jax.eval.run import encode_prompt, judge_items
 from derta_jax.evaluate import first_prompts, main
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, small_tokenizer):
-    """A random LlamaForCausalLM over the small BPE tokenizer, saved as safetensors + tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=len(small_tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=small_tokenizer.bos_token_id,
-                         eos_token_id=small_tokenizer.eos_token_id,
-                         pad_token_id=small_tokenizer.pad_token_id, initializer_range=0.3)
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_model")
-    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
-    small_tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
 def _prompts(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
@@ -337,7 +318,7 @@ def test_evaluate_cli_judge_arguments_fail_before_loading(tmp_path, capsys):
     assert main(common + ["--judge", "world", "--out", str(tmp_path / "x")]) == 2
     assert "--judge=world needs --world=WORLD_DIR" in capsys.readouterr().err
     assert main(common + ["--batch_size", "0", "--out", str(tmp_path / "x")]) == 2
-    assert "--batch_size must be >= 1" in capsys.readouterr().err
+    assert "--batch_size=0: must be >= 1" in capsys.readouterr().err
 
 
 def test_load_model_from_a_converted_workdir_equals_the_hf_dir(tiny_model_dir, tmp_path):

@@ -25,6 +25,8 @@ Suites (rows need `question`; other required fields in brackets):
   assistant turn; the prompt always ends with the prefill exactly (whitespace a trimming
   chat template dropped is put back). A k beyond the response uses all of it (meta
   `prefill_units` says how many).
+- rank_prefill [harmful_response]: prefilling that feeds, per position, only tokens among
+  the model's own top k; it needs the model, so eval/rank_prefill.py builds it.
 - gsm8k, mmlu, benign [answer; benign also task]: the question in the template.
 Chat-rendered prompts already contain the BOS text: tokenise them without special tokens.
 """
@@ -38,11 +40,12 @@ from typing import Any, Sequence
 from derta_jax.data.formats import DataError, decoded_lines, parse_object, text_field
 from derta_jax.data.templates import Template
 
-SUITES = ("direct", "completion", "prefill", "prompt_file", "over_refusal", "gsm8k", "mmlu",
-          "benign")
+SUITES = ("direct", "completion", "prefill", "rank_prefill", "prompt_file", "over_refusal",
+          "gsm8k", "mmlu", "benign")
 DEFAULT_PREFILL_DEPTHS = (0, 5, 10, 20, 40)
 PREFILL_UNITS = ("tokens", "words")
-REQUIRED_FIELDS = {"prefill": ("question", "harmful_response"), "gsm8k": ("question", "answer"),
+REQUIRED_FIELDS = {"prefill": ("question", "harmful_response"),
+                   "rank_prefill": ("question", "harmful_response"), "gsm8k": ("question", "answer"),
                    "mmlu": ("question", "answer"), "benign": ("question", "task", "answer")}
 
 Row = tuple[str, dict]  # (FILE:LINE, the JSON object)
@@ -167,6 +170,9 @@ def build_suite(suite: str, path: str, template: Template | None = None, *,
                          f"(derta_jax.data.templates.make_template)")
     if suite == "prefill":
         return prefill_items(rows, template, tokenizer=tokenizer, **options)
+    if suite == "rank_prefill":
+        raise ValueError("suite 'rank_prefill' chooses its prefill with the model: build it "
+                         "with derta_jax.eval.rank_prefill.rank_prefill_items")
     if options:
         raise ValueError(f"suite {suite!r} takes no options, got {', '.join(sorted(options))}")
     return templated_items(rows, template, suite)

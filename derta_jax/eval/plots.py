@@ -39,7 +39,7 @@ def _centre(cell: Mapping) -> float:
 
 def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
                         metric: str = "asr_not_refused", held_out: bool | None = None,
-                        title: str = "Attack success rate against prefill depth") -> None:
+                        title: str = "", suite: str = "prefill") -> None:
     """ASR (`metric` of the prefill groups) against k, one line per model, with 95% CIs.
 
     `reports`: name -> a report (derta_jax.eval.report.summarise: rates with Wilson
@@ -54,7 +54,7 @@ def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
     fig, ax = plt.subplots(figsize=_FIGSIZE, dpi=_DPI)
     curves = {}
     for name in sorted(reports):
-        groups = sorted((g for g in reports[name]["groups"] if g["suite"] == "prefill"
+        groups = sorted((g for g in reports[name]["groups"] if g["suite"] == suite
                          and g["held_out"] is held_out and g.get(metric) is not None),
                         key=lambda g: g["k"])
         if groups:
@@ -77,7 +77,9 @@ def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
     ax.set_xlabel("prefill depth k")
     ax.set_ylabel("ASR (" + metric.removeprefix("asr_").replace("_", " ") + ")")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title)
+    ax.set_title(title or ("Attack success rate against rank-assisted prefill depth"
+                           if suite == "rank_prefill" else
+                           "Attack success rate against prefill depth"))
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
     fig.tight_layout()

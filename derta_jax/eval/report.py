@@ -51,7 +51,9 @@ from derta_jax.eval.scoring import Rate, rate_of, score_item
 REPORT_FORMAT = 1
 BENIGN_SUITES = ("over_refusal", "gsm8k", "mmlu", "benign")
 PROBE_FILE, PROBE_PLOT = "refusal_probabilities.jsonl", "refusal_probability.png"
-OUTPUT_FILES = ("generations.jsonl", "report.json", "report.md", "asr_vs_prefill.png",
+# the suites with a depth k, and the ASR-against-k plot of each
+PREFILL_SUITES = {"prefill": "asr_vs_prefill.png", "rank_prefill": "asr_vs_rank_prefill.png"}
+OUTPUT_FILES = ("generations.jsonl", "report.json", "report.md", *PREFILL_SUITES.values(),
                 "refusal_positions.png", PROBE_FILE, PROBE_PLOT)
 _TABLE = (("refused", "outcome_refused"), ("harmful (ASR)", "outcome_harmful"),
           ("neither", "outcome_neither"), ("degenerate", "degenerate"),
@@ -118,7 +120,8 @@ def counted_once(rows: Sequence[Mapping]) -> list[Mapping]:
     prefill curve)."""
     direct = {row["prompt"] for row in rows if row["suite"] == "direct"}
     return [row for row in rows
-            if not (row["suite"] == "prefill" and row.get("k") == 0 and row["prompt"] in direct)]
+            if not (row["suite"] in PREFILL_SUITES and row.get("k") == 0
+                    and row["prompt"] in direct)]
 
 
 def _group_key(row: Mapping, split: bool) -> tuple:
@@ -156,10 +159,11 @@ def summarise(rows: Sequence[Mapping], *, model: str = "model", bin_width: int =
                                   "relative": relative_histogram(relatives).to_json()}}
 
 
-def prefill_curve(report: Mapping, metric: str = PREFILL_PLOT_METRIC) -> list[tuple[int, float]]:
-    """(k, value) of the prefill suite's pooled groups, by k."""
-    return [(g["k"], g[metric]["value"]) for g in report["groups"]
-            if g["suite"] == "prefill" and g["held_out"] is None and g.get(metric) is not None]
+def prefill_curve(report: Mapping, metric: str = PREFILL_PLOT_METRIC,
+                  suite: str = "prefill") -> list[tuple[int, float]]:
+    """(k, value) of a prefill suite's pooled groups (prefill or rank_prefill), by k."""
+    return sorted((g["k"], g[metric]["value"]) for g in report["groups"]
+                  if g["suite"] == suite and g["held_out"] is None and g.get(metric) is not None)
 
 
 def _cell(rate: Mapping | None) -> str:
@@ -315,10 +319,11 @@ def write_report(rows: Sequence[Mapping], out_dir: str, *, model: str = "model",
     _write_text(os.path.join(out_dir, "report.json"),
                 _dump_json(report, indent=2) + "\n")
     plots = []
-    if prefill_curve(report):
-        plot_prefill_curves({model: report}, os.path.join(out_dir, "asr_vs_prefill.png"),
-                            metric=PREFILL_PLOT_METRIC)
-        plots.append("asr_vs_prefill.png")
+    for suite, plot in PREFILL_SUITES.items():
+        if prefill_curve(report, suite=suite):
+            plot_prefill_curves({model: report}, os.path.join(out_dir, plot),
+                                metric=PREFILL_PLOT_METRIC, suite=suite)
+            plots.append(plot)
     if sum(report["refusal_positions"]["absolute"]["counts"]):
         plot_position_histograms({model: report}, os.path.join(out_dir, "refusal_positions.png"))
         plots.append("refusal_positions.png")

@@ -18,12 +18,13 @@ gets no second one; other prompts get the tokenizer's own special tokens.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 from derta_jax.eval.judges import Judge
 from derta_jax.eval.report import judged_row
 
-GenerateTexts = Callable[[Sequence[str]], list[str]]
+# prompts are texts, or token ids where an item carries `prompt_ids` (eval/rank_prefill.py)
+GenerateTexts = Callable[[Sequence[Union[str, Sequence[int]]]], list[str]]
 
 
 def judge_items(items: Sequence[dict], generate_texts: GenerateTexts, judge: Judge, *,
@@ -39,7 +40,8 @@ def judge_items(items: Sequence[dict], generate_texts: GenerateTexts, judge: Jud
     rows: list = [None] * len(items)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        generations = generate_texts([items[i]["prompt"] for i in batch])
+        generations = generate_texts([items[i].get("prompt_ids") or items[i]["prompt"]
+                                      for i in batch])
         if len(generations) != len(batch):
             raise RuntimeError(f"generate_texts returned {len(generations)} texts for "
                                f"{len(batch)} prompts")
@@ -81,8 +83,9 @@ def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512,
     eos = stop_token_ids(model.config, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else None
 
-    def generate_texts(prompts: Sequence[str]) -> list[str]:
-        out = generate(model, [encode_prompt(tokenizer, p) for p in prompts], tokenizer=tokenizer,
+    def generate_texts(prompts: Sequence[Union[str, Sequence[int]]]) -> list[str]:
+        ids = [encode_prompt(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+        out = generate(model, ids, tokenizer=tokenizer,
                        max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos,
                        pad_id=pad, mesh=mesh, width_multiple=PROMPT_WIDTH_MULTIPLE,
                        min_rows=batch_size)

@@ -117,6 +117,27 @@ class DecodeCarry(NamedTuple):
     rng: jax.Array
 
 
+class Forcing(NamedTuple):
+    """Rank-assisted forcing of the first tokens of each row (eval/rank_prefill.py): at step
+    s, a row whose `ids[row, s]` is a token (>= 0) takes it when it is among the model's
+    top `rank_k` next tokens, else the best-ranked of those that is not `banned`."""
+
+    ids: jax.Array     # [B, F] int32: each row's reference token per step, -1 = not forced
+    banned: jax.Array  # [V] bool: never chosen in place of the reference
+    offset: jax.Array  # int32 scalar: tokens generated before this call of the loop
+
+
+def rank_assisted_tokens(logits: jax.Array, reference: jax.Array, rank_k: int,
+                         banned: jax.Array) -> jax.Array:
+    """[B]: the reference token where it ranks in the top `rank_k` of `logits` [B, V], else
+    the highest-ranked top-k token that is not banned (the top one when all are banned)."""
+    _, top = jax.lax.top_k(logits, rank_k)                        # [B, k], best first
+    in_top = jnp.any(top == reference[:, None], axis=-1)
+    first_allowed = jnp.argmax(~banned[top], axis=-1)             # 0 when none is allowed
+    fallback = jnp.take_along_axis(top, first_allowed[:, None], axis=-1)[:, 0]
+    return jnp.where(in_top, reference, fallback).astype(jnp.int32)
+
+
 def _constrain(tree, shardings):
     return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
@@ -166,15 +187,27 @@ def prefill(graphdef, state, ids, positions, segments, cache: KVCache,
     return _constrain(logits, shardings.logits), _constrain(cache, shardings.cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 10), donate_argnums=(2,))
 def decode_chunk(graphdef, state, carry: DecodeCarry, steps, chunk: int, temperature: float,
-                 top_p: float, shardings: Optional[DecodeCarry], eos_ids):
+                 top_p: float, shardings: Optional[DecodeCarry], eos_ids,
+                 forcing: Optional[Forcing] = None, rank_k: int = 0):
     """Up to `steps` (<= chunk) tokens in one compiled loop, stopping early once every row
     is done -> (carry, tokens [B, chunk] of which the first `count` columns are real, count).
 
-    Each iteration samples from the carried logits, feeds the token and keeps the next
-    logits; rows already done keep stepping (their tokens are ignored by the host)."""
+    Each iteration samples from the carried logits (or, for a forced step, picks by rank:
+    `rank_assisted_tokens`), feeds the token and keeps the next logits; rows already done
+    keep stepping (their tokens are ignored by the host)."""
     batch = carry.logits.shape[0]
+
+    def choose(logits, rng, i):
+        token = sample_tokens(logits, rng, temperature, top_p)
+        if forcing is None:
+            return token
+        step, width = forcing.offset + i, forcing.ids.shape[1]
+        reference = jnp.where(step < width, jax.lax.dynamic_index_in_dim(
+            forcing.ids, jnp.minimum(step, width - 1), axis=1, keepdims=False), -1)
+        forced = rank_assisted_tokens(logits, jnp.maximum(reference, 0), rank_k, forcing.banned)
+        return jnp.where(reference >= 0, forced, token)
 
     def cond(loop):
         i, carry, _ = loop
@@ -186,7 +219,7 @@ def decode_chunk(graphdef, state, carry: DecodeCarry, steps, chunk: int, tempera
         # weights stay loop constants, not loop state (which XLA would copy)
         model = nnx.merge(graphdef, jax.tree.map(lambda leaf: leaf, state))
         rng, step_rng = jax.random.split(carry.rng)
-        token = sample_tokens(carry.logits, step_rng, temperature, top_p)
+        token = choose(carry.logits, step_rng, i)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
         done = carry.done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
         hidden, _, cache = model.forward_with_cache(
@@ -224,7 +257,8 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
              rng: Optional[jax.Array] = None, add_special_tokens: bool = True,
              check_every: int = 16, mesh: Optional[jax.sharding.Mesh] = None,
              width_multiple: int = 1, loop_tokens: Optional[int] = None,
-             min_rows: int = 0) -> GenerationOutput:
+             min_rows: int = 0, forced: Optional[Sequence[Sequence[int]]] = None,
+             rank_k: int = 20, banned_ids: Sequence[int] = ()) -> GenerationOutput:
     """Generate up to `max_new_tokens` per prompt with a KV cache.
 
     prompts: strings (encoded with `tokenizer`, which needs `encode(text,
@@ -243,7 +277,10 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     heads over `tensor`. width_multiple: pad prompts to a multiple of this width, so that
     batches of similar lengths share one compiled program; min_rows: pad the batch with
     dummy rows to at least this many (a short last batch then reuses the full batches'
-    program instead of compiling its own). loop_tokens: tokens per compiled
+    program instead of compiling its own). forced: per prompt, reference tokens for its
+    first generated tokens, each taken when it ranks in the model's top `rank_k`, else the
+    best-ranked top-k token not in `banned_ids` (rank-assisted prefilling,
+    eval/rank_prefill.py); the outputs hold the tokens chosen. loop_tokens: tokens per compiled
     call (default: all of them, or `check_every` with stop strings; 1 = one dispatch per
     token, the benchmark's baseline).
     """
@@ -258,6 +295,10 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
                          f"{width_multiple} and loop_tokens={loop_tokens} must be >= 1")
     if stop_strings and tokenizer is None:
         raise ValueError("generate: stop_strings need a tokenizer to decode the output")
+    if forced is not None and (len(forced) != len(prompts) or not 1 <= rank_k <= config.vocab_size):
+        raise ValueError(f"generate: forced needs one reference list per prompt and 1 <= "
+                         f"rank_k <= vocab size, got {len(forced)} for {len(prompts)} prompts, "
+                         f"rank_k={rank_k}")
     if prompts and isinstance(prompts[0], str):
         if tokenizer is None:
             raise ValueError("generate: text prompts need a tokenizer")
@@ -288,6 +329,17 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     done, next_positions = (sharding_lib.put_global(a, rows_at) for a in (done, next_positions))
     rng = _placed_key(rng, key_at)
     eos_ids = np.asarray(sorted(eos), np.int32).reshape(-1)  # numpy: replicated, as jit's input
+    forced_ids = banned = None
+    if forced is not None:
+        width_forced = max([len(f) for f in forced] + [1])
+        forced_ids = np.full((rows, width_forced), -1, np.int32)
+        for row, reference in enumerate(forced):
+            forced_ids[row, :len(reference)] = reference
+        forced_ids = sharding_lib.put_global(
+            forced_ids, _first_device() if mesh is None else sharding_lib.batch_sharding(mesh))
+        banned = np.zeros(config.vocab_size, bool)
+        banned[list(banned_ids)] = True
+        banned = sharding_lib.put_global(banned, key_at)  # replicated
 
     generated: list[list[int]] = [[] for _ in range(real_rows)]
     finish: list[Optional[str]] = [None] * real_rows
@@ -297,10 +349,13 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
         carry = DecodeCarry(cache, logits, next_positions, done, rng)
         remaining = max_new_tokens
         while remaining > 0:
+            forcing = None if forced is None else Forcing(
+                forced_ids, banned, np.int32(max_new_tokens - remaining))
             carry, tokens, count = decode_chunk(graphdef, state, carry,
                                                 np.int32(min(chunk, remaining)),
                                                 chunk, float(temperature), float(top_p),
-                                                shardings, eos_ids)
+                                                shardings, eos_ids, forcing,
+                                                rank_k if forced is not None else 0)
             count = int(count)
             # every process sees every row's tokens (and stops the same rows)
             stopped = _absorb(sharding_lib.fetch_global(tokens)[:real_rows, :count], generated,
