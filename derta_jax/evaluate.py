@@ -53,34 +53,13 @@ import os
 import sys
 from typing import Sequence
 
+from derta_jax.arg_types import mesh_sizes as _mesh, prefill_depths as _depths
 from derta_jax.data.formats import DataError
 from derta_jax.data.templates import TEMPLATE_NAMES, make_template
 from derta_jax.eval.attacks import DEFAULT_PREFILL_DEPTHS, PREFILL_UNITS, SUITES, build_suite
 from derta_jax.eval.judges import JUDGE_NAMES, make_judge
 from derta_jax.eval.rank_prefill import DEFAULT_RANK_K
 from derta_jax.train.cluster import INITIALIZE_MODES
-
-
-def _depths(text: str) -> tuple[int, ...]:
-    try:
-        depths = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--prefill_depths={text!r}: expected integers "
-                                         f"separated by commas, e.g. 0,5,10") from None
-    if not depths or min(depths) < 0:
-        raise argparse.ArgumentTypeError(f"--prefill_depths={text!r}: need depths >= 0")
-    return depths
-
-
-def _mesh(text: str) -> dict:
-    """--mesh=AXIS:SIZE,... -> {axis: size} over the four mesh axes (unnamed axes: 1)."""
-    from derta_jax.train.config import MESH_AXES
-    from derta_jax.train.mesh import parse_mesh
-
-    try:
-        return {axis: 1 for axis in MESH_AXES} | parse_mesh(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -166,7 +166,7 @@ def prefill_curve(report: Mapping, metric: str = PREFILL_PLOT_METRIC,
                   if g["suite"] == suite and g["held_out"] is None and g.get(metric) is not None)
 
 
-def _cell(rate: Mapping | None) -> str:
+def rate_cell(rate: Mapping | None) -> str:
     if rate is None:
         return "-"
     return (f"{rate['value']:.3f} [{rate['ci95_low']:.3f}, {rate['ci95_high']:.3f}] "
@@ -189,7 +189,7 @@ def _table_rows(report: Mapping, model: str | None) -> list[str]:
     lines = []
     for group in report["groups"]:
         cells = ([model] if model is not None else []) + [_group_name(group), str(group["n"])]
-        cells += [_cell(group.get(key)) for _, key in _TABLE]
+        cells += [rate_cell(group.get(key)) for _, key in _TABLE]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
