@@ -246,14 +246,17 @@ class LoadedModel:
 
 def load_model(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[str] = None,
                mesh: Optional[jax.sharding.Mesh] = None, dtype: Optional[str] = None,
-               compute_dtype: Optional[str] = None) -> LoadedModel:
+               compute_dtype: Optional[str] = None,
+               scan_layers: Optional[bool] = None) -> LoadedModel:
     """An HF model directory or a derta_jax workdir (full or LoRA, any step, local or
     remote) as a plain model. Errors name `path` (the --model flag).
 
     mesh: the weights go straight onto the trainer's shardings on this mesh (an HF
     directory streamed tensor by tensor, a full workdir read shard by shard). dtype:
     parameters in this dtype (e.g. "bfloat16"; default: as stored); compute_dtype:
-    activations (default: `dtype`)."""
+    activations (default: `dtype`). scan_layers: an HF directory's layers stacked (one
+    compiled layer body, scanned) or one by one (default: ModelConfig's); a workdir keeps
+    the layout it was trained with."""
     remote = paths.is_remote(path)
 
     def shardings_for(cfg: ModelConfig):
@@ -288,6 +291,8 @@ def load_model(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[s
         from derta_jax.hf.config import model_config_from_hf
 
         cfg = with_dtype(model_config_from_hf(path))
+        if scan_layers is not None:
+            cfg = cfg.replace(scan_layers=scan_layers)
         params = load_hf_params(path, cfg, shardings_for(cfg))
         tokenizer_dir, run = path, wd.RunInfo()
     state = abstract_params(cfg)

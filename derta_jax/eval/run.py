@@ -96,7 +96,8 @@ def greedy_generator(model: Any, tokenizer: Any, *, max_new_tokens: int = 512,
 
 def load_evaluated(path: str, *, step: Optional[int] = None, base_hf_dir: Optional[str] = None,
                    mesh: Any = None, dtype: Optional[str] = None,
-                   compute_dtype: Optional[str] = None) -> tuple[Any, Any]:
+                   compute_dtype: Optional[str] = None,
+                   scan_layers: Optional[bool] = None) -> tuple[Any, Any]:
     """(derta_jax.weights.LoadedModel, HF tokenizer) from an HF dir or a workdir (full or
     LoRA, any step; local or gs://), the weights on `mesh`'s shardings when given, in
     `dtype` (computing in `compute_dtype`) when given. The tokenizer is loaded with trust_remote_code=False, from a
@@ -106,7 +107,7 @@ def load_evaluated(path: str, *, step: Optional[int] = None, base_hf_dir: Option
     from derta_jax import paths, weights
 
     loaded = weights.load_model(path, step=step, base_hf_dir=base_hf_dir, mesh=mesh, dtype=dtype,
-                                compute_dtype=compute_dtype)
+                                compute_dtype=compute_dtype, scan_layers=scan_layers)
     with paths.fetched(loaded.tokenizer_dir) as local:
         tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
     if paths.is_remote(loaded.tokenizer_dir):
