@@ -9,7 +9,7 @@
         [--world=WORLD_DIR] [--refusal_probe [--refusal_string=WORD]]
         [--limit=N] [--name=MODEL_NAME] [--overwrite]
         [--mesh=fsdp:-1] [--dtype=float32|bfloat16] [--compute_dtype=float32|bfloat16]
-        [--scan_layers]
+        [--scan_layers] [--ablate_direction=DIR/direction.json]
         [--distributed=auto|always|never --coordinator_address=HOST:PORT
          --num_processes=N --process_id=I]
 
@@ -50,6 +50,7 @@ gathered so that every process judges every row alike, and process 0 writes the 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Sequence
@@ -115,6 +116,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "float32's tokens; with bfloat16 compute each next-token choice "
                              "along float32's text agrees, free-running rows drift (78-91%% "
                              "of tokens)")
+    parser.add_argument("--ablate_direction", default=None,
+                        help="direction.json of python -m derta_jax.refusal_direction: "
+                             "evaluate the model with that direction projected out of every "
+                             "weight that writes to the residual stream")
     parser.add_argument("--scan_layers", action="store_true",
                         help="an HF directory's layers stacked and scanned: one layer body "
                              "to compile. SmolLM2-135M (30 layers) on 2 CPU cores, batch 8: "
@@ -164,6 +169,21 @@ def _judge(args: argparse.Namespace, tokenizer, mesh=None):
     if args.judge == "labels":
         return make_judge("labels", path=args.labels)
     raise ValueError(f"--judge={args.judge!r}: must be one of {', '.join(JUDGE_NAMES)}")
+
+
+def read_direction(path: str) -> dict:
+    """--ablate_direction's file: {"layer", "direction": [D floats], ...}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--ablate_direction={path}: not JSON ({err})") from None
+    direction = record.get("direction") if isinstance(record, dict) else None
+    if (not isinstance(direction, list) or not direction
+            or not all(isinstance(v, (int, float)) for v in direction)):
+        raise ValueError(f"--ablate_direction={path}: direction: expected a list of numbers "
+                         f"(a file written by python -m derta_jax.refusal_direction)")
+    return record
 
 
 def _items(args: argparse.Namespace, loaded, tokenizer, template, mesh) -> list[dict]:
@@ -245,6 +265,7 @@ def run(args: argparse.Namespace) -> dict:
     check_output_dir(args.out, args.overwrite)  # before the slow part
     probe_rows = (read_prompt_rows(args.prompts, required=("question", "harmful_response"))
                   if args.refusal_probe else None)
+    ablated = read_direction(args.ablate_direction) if args.ablate_direction else None
     initialize_distributed(args.distributed, coordinator_address=args.coordinator_address,
                            num_processes=args.num_processes, process_id=args.process_id)
     try:
@@ -256,6 +277,14 @@ def run(args: argparse.Namespace) -> dict:
                                        compute_dtype=args.compute_dtype,
                                        scan_layers=args.scan_layers or None)
     model = loaded.model
+    if ablated is not None:
+        from derta_jax.eval.refusal_direction import orthogonalized
+
+        if len(ablated["direction"]) != loaded.config.hidden_size:
+            raise ValueError(f"--ablate_direction={args.ablate_direction}: a direction of "
+                             f"{len(ablated['direction'])} numbers for a model of hidden size "
+                             f"{loaded.config.hidden_size}")
+        model = loaded.model = orthogonalized(model, ablated["direction"])
     template = None if args.suite == "completion" else make_template(
         args.template, tokenizer, system=args.system)
     items = _items(args, loaded, tokenizer, template, mesh)
@@ -270,6 +299,8 @@ def run(args: argparse.Namespace) -> dict:
              "decoding": "greedy",
              "mesh": ",".join(f"{axis}:{size}" for axis, size in mesh.shape.items()),
              "processes": jax.process_count()}
+    if ablated is not None:
+        setup["ablated_direction"] = f"{args.ablate_direction} (layer {ablated['layer']})"
     name = args.name or args.model
     if jax.process_index() != 0:  # process 0 writes; the others wait until it has
         report = build_report(rows, model=name, setup=setup, refusal_probe=probe)

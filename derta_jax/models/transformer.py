@@ -122,11 +122,15 @@ class Transformer(nnx.Module):
     # -- public API -------------------------------------------------------------------
 
     def __call__(self, input_ids: jax.Array, positions: Optional[jax.Array] = None,
-                 segment_ids: Optional[jax.Array] = None):
-        """input_ids/positions/segment_ids [B, T] -> (hidden [B, T, D], aux dict)."""
+                 segment_ids: Optional[jax.Array] = None, collect_residuals: bool = False):
+        """input_ids/positions/segment_ids [B, T] -> (hidden [B, T, D], aux dict).
+        collect_residuals: aux["residuals"] [L, B, D] is the residual stream entering each
+        layer at the LAST position (a left-padded prompt's last token; what the refusal
+        direction is read from, eval/refusal_direction.py)."""
         positions, segment_ids = _default_positions_and_segments(input_ids, positions, segment_ids)
         x = self.embedder(input_ids)
-        x, aux, _ = self._run_layers(x, positions, segment_ids, None, None, None)
+        x, aux, _ = self._run_layers(x, positions, segment_ids, None, None, None,
+                                     collect_residuals)
         return self.final_norm(x), aux
 
     def forward_with_cache(self, input_ids: jax.Array, positions: jax.Array,
@@ -155,37 +159,48 @@ class Transformer(nnx.Module):
 
     # -- layers -----------------------------------------------------------------------
 
-    def _run_layers(self, x, positions, segment_ids, cache, cache_segment_ids, cache_index):
+    def _run_layers(self, x, positions, segment_ids, cache, cache_segment_ids, cache_index,
+                    collect_residuals: bool = False):
         wrap, policy = remat_policy(self.config.remat_policy)
         if self.config.scan_layers:
             return self._scan(x, positions, segment_ids, cache, cache_segment_ids, cache_index,
-                              wrap, policy)
+                              wrap, policy, collect_residuals)
         step = nnx.remat(_layer_step, policy=policy) if wrap else _layer_step
-        layer_aux = []
+        layer_aux, residuals = [], []
         for i, layer in enumerate(self.layers):
+            residuals.append(x[:, -1])
             x, aux, cache = step(layer, x, positions, segment_ids, cache, cache_segment_ids,
                                  cache_index, i)
             layer_aux.append(aux)
         stacked_aux = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_aux) if layer_aux[0] else {}
-        return x, _combine_layers(stacked_aux, self.config.num_experts_per_tok), cache
+        aux = _combine_layers(stacked_aux, self.config.num_experts_per_tok)
+        if collect_residuals:
+            aux["residuals"] = jnp.stack(residuals)
+        return x, aux, cache
 
-    def _scan(self, x, positions, segment_ids, cache, cache_segment_ids, cache_index, wrap, policy):
+    def _scan(self, x, positions, segment_ids, cache, cache_segment_ids, cache_index, wrap, policy,
+              collect_residuals: bool = False):
         """One compiled layer body; the KV cache (when given) rides in the carry, so each
         layer writes its slots in place."""
         def body(layer, carry, index):
             y, cache = carry
+            entering = y[:, -1]
             y, aux, cache = layer(y, positions, segment_ids, cache, cache_segment_ids,
                                   cache_index, index)
-            return (y, cache), aux
+            return (y, cache), (aux, entering) if collect_residuals else aux
 
         if wrap:
             body = nnx.remat(body, policy=policy, prevent_cse=False)
         layer_axes = nnx.StateAxes({nnx.Param: 0, ...: None})  # stacked weights; other state broadcast
         scan = nnx.scan(body, in_axes=(layer_axes, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
                         transform_metadata={nnx.PARTITION_NAME: "layers"})
-        (x, cache), stacked_aux = scan(self.layers, (x, cache),
-                                       jnp.arange(self.config.num_layers, dtype=jnp.int32))
-        return x, _combine_layers(stacked_aux, self.config.num_experts_per_tok), cache
+        (x, cache), stacked = scan(self.layers, (x, cache),
+                                   jnp.arange(self.config.num_layers, dtype=jnp.int32))
+        stacked_aux, residuals = stacked if collect_residuals else (stacked, None)
+        aux = _combine_layers(stacked_aux, self.config.num_experts_per_tok)
+        if collect_residuals:
+            aux["residuals"] = residuals
+        return x, aux, cache
 
 
 def _combine_layers(stacked_aux: dict, top_k: int) -> dict:
