@@ -257,6 +257,7 @@ def run(args: argparse.Namespace) -> dict:
     from derta_jax.eval.attacks import read_prompt_rows
     from derta_jax.eval.report import build_report, write_report
     from derta_jax.eval.run import greedy_generator, judge_items, load_evaluated
+    from derta_jax.models.sharding import batch_shards
     from derta_jax.paths import check_output_dir
     from derta_jax.train.cluster import initialize_distributed
     from derta_jax.train.mesh import make_mesh
@@ -288,6 +289,11 @@ def run(args: argparse.Namespace) -> dict:
     template = None if args.suite == "completion" else make_template(
         args.template, tokenizer, system=args.system)
     items = _items(args, loaded, tokenizer, template, mesh)
+    shards = batch_shards(mesh)
+    if args.batch_size % shards and jax.process_index() == 0:
+        print(f"note: --batch_size={args.batch_size} is padded to {-(-args.batch_size // shards) * shards} "
+              f"rows per batch (dummy rows), a multiple of the mesh's {shards} batch shards "
+              f"(data x fsdp)", file=sys.stderr)
     judge = _judge(args, tokenizer, mesh)
     generator = greedy_generator(model, tokenizer, max_new_tokens=args.max_new_tokens, mesh=mesh,
                                  batch_size=args.batch_size)

@@ -116,3 +116,36 @@ def test_each_program_compiles_once_across_chunks_and_calls(hf_tiny_llama_dir):
         assert sizes[2] == sizes[1], where
         assert outputs[0] == outputs[1]  # same key, same samples
         jax.random.split(key)  # not deleted
+
+
+@pytest.mark.parametrize("sizes", [{"data": 2, "fsdp": 2, "tensor": 2, "expert": 1},
+                                   {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}])
+def test_planner_counts_the_bytes_evaluation_places_on_each_device(hf_tiny_llama_dir, sizes):
+    """plan --eval's weights and KV-cache bytes per device are the bytes of the arrays that
+    loading and generate() actually place, device by device (a batch of 5 rows padded to
+    the batch shards as generate pads it)."""
+    from flax import nnx
+
+    from derta_jax.train import plan_decode
+
+    mesh = make_mesh(sizes)
+    loaded = weights.load_model(str(hf_tiny_llama_dir), mesh=mesh)
+    config = loaded.config
+    shape = plan_decode.decode_shape(5, 16, 7, sizes)
+    planned = plan_decode.decode_memory(config, mesh, shape)
+    _, inputs = decode.batch_rows([[3] * 16] * 5, 0, mesh, 16)
+    assert inputs[0].shape == (shape.rows, shape.prompt_len)
+    shardings = decode.carry_shardings(config, mesh, shape.rows, shape.cache_len)
+    with jax.set_mesh(mesh):
+        cache = decode._empty_cache(config, shape.rows, shape.cache_len, shardings)
+
+    def most_on_one_device(arrays):
+        per_device = {}
+        for array in arrays:
+            for shard in array.addressable_shards:
+                per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+        return max(per_device.values())
+
+    assert most_on_one_device([cache.k, cache.v]) == planned["kv_cache_bytes"]
+    params = jax.tree.leaves(nnx.state(loaded.model, nnx.Param))
+    assert most_on_one_device(params) == planned["weights_bytes"]

@@ -126,6 +126,15 @@ def test_evaluate_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):
     assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
                  "--out", str(out)]) == 2
     assert "out exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    # beyond the model's context (512 positions): one line, nothing written
+    assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
+                 "--out", str(tmp_path / "long"), "--max_new_tokens", "510",
+                 "--batch_size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "note: --batch_size=3 is padded to 8 rows per batch (dummy rows)" in err
+    assert re.search(r"error: generate: a prompt of \d+ tokens \+ max_new_tokens=510 is beyond "
+                     r"the model's context \(max_position_embeddings=512\)", err)
+    assert not (tmp_path / "long").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok"}\n{"prompt": "no question"}\n')
     assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", str(bad),

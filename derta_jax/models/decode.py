@@ -312,6 +312,12 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
     rng = rng if rng is not None else jax.random.key(0)
 
     real_rows = len(prompt_ids)
+    longest = max((len(p) for p in prompt_ids), default=0)
+    if longest + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"generate: a prompt of {longest} tokens + max_new_tokens="
+                         f"{max_new_tokens} is beyond the model's context "
+                         f"(max_position_embeddings={config.max_position_embeddings}); "
+                         f"shorten the prompt or lower max_new_tokens")
     # dummy rows (on a mesh) are done from the start
     padded, inputs = batch_rows(prompt_ids, pad_id, mesh, width_multiple, min_rows)
     rows, width = inputs[0].shape
