@@ -23,6 +23,7 @@ suite, with 95% intervals), DIR/report.md and DIR/durability.png. An existing no
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -86,7 +87,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     from derta_jax import paths, workdir as wd
     from derta_jax.eval import durability
-    from derta_jax.eval.attacks import read_prompt_rows
+    from derta_jax.eval.attacks import REQUIRED_FIELDS, read_prompt_rows
+    from derta_jax.train import cluster
     from derta_jax.train.loop import run as train
 
     for flag in ("lora_rank", "batch_size", "max_length", "max_new_tokens", "eval_batch_size"):
@@ -94,8 +96,15 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--{flag}={getattr(args, flag)}: must be >= 1")
     if args.judge == "world" and not args.world:
         raise ValueError("--judge=world needs --world=WORLD_DIR")
+    if cluster.multi_process_reason() is not None:
+        raise ValueError("durability runs as one process (its attack and evaluations write "
+                         "from every process); start it on one host")
+    if args.judge == "world" and not os.path.isfile(os.path.join(args.world, "world.json")):
+        raise ValueError(f"--world={args.world}: no world.json there")
     attack_rows = read_prompt_rows(args.attack, ("question", "harmful_response"))
-    eval_rows = read_prompt_rows(args.prompts)
+    required = sorted({field for suite in args.suites
+                       for field in REQUIRED_FIELDS.get(suite, ("question",))})
+    eval_rows = read_prompt_rows(args.prompts, required)  # before the attack, not after
     durability.check_disjoint(attack_rows, eval_rows)
     from_workdir = wd.is_workdir(args.model)
     if from_workdir and wd.read_lora_record(args.model) is not None:
@@ -165,11 +174,12 @@ def _evaluate(args: argparse.Namespace, model: str, step, out_dir: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from derta_jax.train.config import ConfigError
+    from derta_jax.train.loop import NonFiniteLossError
 
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (DataError, ValueError, FileExistsError, FileNotFoundError, ConfigError) as err:
+    except (DataError, ValueError, OSError, ConfigError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")

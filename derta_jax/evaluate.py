@@ -145,6 +145,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--coordinator_address needs --num_processes >= 1 and --process_id "
                          f"in 0..num_processes-1, got --num_processes={args.num_processes} "
                          f"--process_id={args.process_id}")
+    if args.suite == "rank_prefill" and args.prefill_unit != "tokens":
+        raise ValueError("--suite=rank_prefill feeds tokens: --prefill_unit=words does not apply")
     if args.judge == "classifier" and not args.judge_model:
         raise ValueError("--judge=classifier needs --judge_model=GUARD_DIR")
     if args.judge == "labels" and not args.labels:
@@ -180,9 +182,11 @@ def read_direction(path: str) -> dict:
         raise ValueError(f"--ablate_direction={path}: not JSON ({err})") from None
     direction = record.get("direction") if isinstance(record, dict) else None
     if (not isinstance(direction, list) or not direction
-            or not all(isinstance(v, (int, float)) for v in direction)):
-        raise ValueError(f"--ablate_direction={path}: direction: expected a list of numbers "
-                         f"(a file written by python -m derta_jax.refusal_direction)")
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in direction)
+            or not isinstance(record.get("layer"), int)):
+        raise ValueError(f"--ablate_direction={path}: expected a layer (an integer) and a "
+                         f"direction (a list of numbers), as python -m "
+                         f"derta_jax.refusal_direction writes")
     return record
 
 
@@ -267,8 +271,12 @@ def run(args: argparse.Namespace) -> dict:
     probe_rows = (read_prompt_rows(args.prompts, required=("question", "harmful_response"))
                   if args.refusal_probe else None)
     ablated = read_direction(args.ablate_direction) if args.ablate_direction else None
-    initialize_distributed(args.distributed, coordinator_address=args.coordinator_address,
-                           num_processes=args.num_processes, process_id=args.process_id)
+    try:
+        initialize_distributed(args.distributed, coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               flag="--distributed")
+    except RuntimeError as err:  # the runtime could not start: the flags' to fix
+        raise ValueError(f"--distributed={args.distributed}: {err}") from None
     try:
         mesh = make_mesh(args.mesh)
     except ValueError as err:  # the config's wording (mesh.fsdp=...) names the flag here

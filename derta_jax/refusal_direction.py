@@ -1,7 +1,8 @@
 """Find a model's refusal direction (Arditi et al. 2024) for `evaluate --ablate_direction`.
 
     python -m derta_jax.refusal_direction --model=HF_DIR_or_WORKDIR --harmful=H.jsonl \\
-        --harmless=B.jsonl --out=DIR [--template=chat] [--validation_fraction=0.5]
+        --harmless=B.jsonl --out=DIR [--step=N] [--base_hf_dir=DIR] [--template=chat]
+        [--system=TEXT] [--validation_fraction=0.5]
         [--max_layer_fraction=0.8] [--batch_size=16] [--mesh=fsdp:-1] [--overwrite]
 
 Why: a refusal that one direction of the residual stream carries is removed by projecting
@@ -38,7 +39,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--harmful", required=True, help="JSONL rows with question")
     parser.add_argument("--harmless", required=True, help="JSONL rows with question")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--step", type=int, default=None, help="workdir step (default: latest)")
+    parser.add_argument("--base_hf_dir", default=None,
+                        help="LoRA workdirs: the base model's HF dir (default: lora.json's)")
     parser.add_argument("--template", default="chat", choices=TEMPLATE_NAMES)
+    parser.add_argument("--system", default=None,
+                        help="system prompt (chat template), as evaluate will be given")
     parser.add_argument("--validation_fraction", type=float, default=0.5)
     parser.add_argument("--max_layer_fraction", type=float, default=0.8)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -67,18 +73,21 @@ def run(args: argparse.Namespace) -> dict:
                          f"direction after {held} validation rows; give more rows")
     paths.check_output_dir(args.out, args.overwrite)
     mesh = make_mesh(args.mesh)
-    loaded, tokenizer = load_evaluated(args.model, mesh=mesh)
-    template = make_template(args.template, tokenizer)
+    loaded, tokenizer = load_evaluated(args.model, step=args.step, base_hf_dir=args.base_hf_dir,
+                                       mesh=mesh)
+    template = make_template(args.template, tokenizer, system=args.system)
 
     def encoded(rows):
         return [encode_prompt(tokenizer, template.render(row["question"])) for _, row in rows]
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     found = find_direction(loaded.model, encoded(harmful[:-held]), encoded(harmless),
-                           encoded(harmful[-held:]), refusal_opening_ids(tokenizer),
+                           encoded(harmful[-held:]),
+                           refusal_opening_ids(tokenizer, vocab_size=loaded.config.vocab_size),
                            max_layer_fraction=args.max_layer_fraction, mesh=mesh,
                            batch_size=args.batch_size, pad_id=pad)
-    record = {"model": args.model, "template": args.template, "harmful": args.harmful,
+    record = {"model": args.model, "step": loaded.step, "template": args.template,
+              "system": args.system, "harmful": args.harmful,
               "harmless": args.harmless, "num_harmful": len(harmful) - held,
               "num_harmless": len(harmless), "num_validation": held, **found}
     out = paths.prepare_output_dir(args.out, args.overwrite, replaces=(DIRECTION_FILE,))

@@ -328,7 +328,7 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
               "judge": rp.JUDGE, "interval": INTERVAL_METHOD,
               "recipes": {name: {"recipe": recipe,
                                  "num_safety": rp.recipe_num_safety(budget, share)}
-                          for name, recipe, share in rp.RECIPE_RUNS},
+                          for name, recipe, share in rp.RECIPE_RUNS if name in results},
               "results": results}
     if diverged is not None:  # the damaged control's training loss became non-finite
         report["damaged_control_diverged"] = diverged

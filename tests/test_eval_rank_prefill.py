@@ -114,3 +114,29 @@ def test_rank_prefill_items_need_depths_and_a_positive_k(small_tokenizer):
         rank_prefill_items(None, small_tokenizer, [], None, depths=(0, 5), rank_k=0)
     with pytest.raises(ValueError, match="need depths >= 0"):
         rank_prefill_items(None, small_tokenizer, [], None, depths=())
+
+
+def test_forcing_holds_across_several_calls_of_the_decode_loop(hf_tiny_llama_dir):
+    """The forced step index carries over from one compiled loop call to the next: the
+    tokens are those of one call (loop_tokens=2 makes four calls for 7 tokens)."""
+    from derta_jax import weights
+    from derta_jax.models import decode
+
+    model = weights.load_model(str(hf_tiny_llama_dir)).model
+    prompts = [[5, 6, 7, 8], [20, 21]]
+    forced = [[40, 41, 42, 43, 44], [50, 51, 52]]
+    free = decode.generate(model, prompts, max_new_tokens=7, eos_token_ids=[])
+    vocab = model.config.vocab_size
+    # every token ranks in the top `vocab`: the references are fed; with k=8 and the free
+    # run's tokens banned, the substitutes are second choices
+    for rank_k, banned in ((vocab, []), (8, sorted({t for row in free.tokens for t in row}))):
+        options = dict(max_new_tokens=7, eos_token_ids=[], forced=forced, rank_k=rank_k,
+                       banned_ids=banned)
+        whole = decode.generate(model, prompts, **options)
+        chunked = decode.generate(model, prompts, loop_tokens=2, **options)
+        assert chunked.tokens == whole.tokens, rank_k
+        if rank_k == vocab:
+            assert [row[:len(f)] for row, f in zip(whole.tokens, forced)] == forced
+        else:
+            assert all(whole.tokens[r][t] != free.tokens[r][t] and whole.tokens[r][t] not in banned
+                       for r in range(2) for t in range(len(forced[r])))

@@ -36,9 +36,12 @@ SUITE = "rank_prefill"
 DEFAULT_RANK_K = 20
 
 
-def refusal_opening_ids(tokenizer: Any, openings: Sequence[str] = REFUSAL_OPENINGS) -> list[int]:
-    """Ids of the tokens whose stripped text begins a refusal opening or starts with one."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+def refusal_opening_ids(tokenizer: Any, openings: Sequence[str] = REFUSAL_OPENINGS,
+                        vocab_size: int | None = None) -> list[int]:
+    """Ids of the tokens whose stripped text begins a refusal opening or starts with one
+    (below `vocab_size`, the model's: a tokenizer may hold tokens the model has no row for)."""
+    size = len(tokenizer) if vocab_size is None else min(len(tokenizer), vocab_size)
+    texts = tokenizer.batch_decode([[i] for i in range(size)])
     return [i for i, text in enumerate(texts)
             if (t := text.strip()) and any(o.startswith(t) or t.startswith(o) for o in openings)]
 
@@ -61,7 +64,8 @@ def rank_prefill_items(model: Any, tokenizer: Any, rows: Sequence[Row], template
         response = text_field(source, row, "harmful_response")
         prompts.append(encode_prompt(tokenizer, template.render(row["question"])))
         references.append(tokenizer.encode(response, add_special_tokens=False)[:deepest])
-    banned = sorted(set(refusal_opening_ids(tokenizer)) | set(eos_token_ids))
+    banned = sorted(set(refusal_opening_ids(tokenizer, vocab_size=model.config.vocab_size))
+                    | set(eos_token_ids))
     chosen: list[list[int]] = []
     if deepest:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

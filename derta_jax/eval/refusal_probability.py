@@ -44,7 +44,8 @@ def refusal_probabilities_of_pairs(model: Any, pairs: Sequence[Pair], refusal_id
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start:start + batch_size]
         rows = token_log_probs(model, [list(p) + list(r) for p, r in batch], refusal_id,
-                               mesh=mesh, width_multiple=pad_to, pad_id=pad_id)
+                               mesh=mesh, width_multiple=pad_to, pad_id=pad_id,
+                               min_rows=min(batch_size, len(pairs)))
         # position p predicts token p + 1: the prediction before response token t sits at
         # p = len(prompt) - 1 + t
         out += [np.exp(row[len(p) - 1:len(p) - 1 + len(r)]).tolist()

@@ -347,10 +347,11 @@ def write_comparison(reports: Mapping[str, Mapping], out_dir: str, *,
     _prepare_out_dir(out_dir, overwrite)
     table = markdown_table(reports=reports)
     plots = []
-    if any(prefill_curve(r) for r in reports.values()):
-        plot_prefill_curves(reports, os.path.join(out_dir, "asr_vs_prefill.png"),
-                            metric=PREFILL_PLOT_METRIC)
-        plots.append("asr_vs_prefill.png")
+    for suite, plot in PREFILL_SUITES.items():
+        if any(prefill_curve(r, suite=suite) for r in reports.values()):
+            plot_prefill_curves(reports, os.path.join(out_dir, plot), metric=PREFILL_PLOT_METRIC,
+                                suite=suite)
+            plots.append(plot)
     if any(sum(r["refusal_positions"]["absolute"]["counts"]) for r in reports.values()):
         plot_position_histograms(reports, os.path.join(out_dir, "refusal_positions.png"))
         plots.append("refusal_positions.png")

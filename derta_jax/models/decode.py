@@ -83,7 +83,7 @@ def batch_rows(prompts: Sequence[Sequence[int]], pad_id: int,
 
 
 def _first_device() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def sample_tokens(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -295,6 +295,9 @@ def generate(model, prompts: Union[Sequence[str], Sequence[Sequence[int]]], *,
                          f"{width_multiple} and loop_tokens={loop_tokens} must be >= 1")
     if stop_strings and tokenizer is None:
         raise ValueError("generate: stop_strings need a tokenizer to decode the output")
+    if forced is not None and any(not 0 <= int(i) < config.vocab_size for i in banned_ids):
+        raise ValueError(f"generate: banned_ids must be token ids below the vocabulary size "
+                         f"{config.vocab_size}")
     if forced is not None and (len(forced) != len(prompts) or not 1 <= rank_k <= config.vocab_size):
         raise ValueError(f"generate: forced needs one reference list per prompt and 1 <= "
                          f"rank_k <= vocab size, got {len(forced)} for {len(prompts)} prompts, "

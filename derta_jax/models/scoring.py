@@ -59,14 +59,15 @@ def _token_log_probs(graphdef, state, ids, positions, segments, token_id):
 
 def token_log_probs(model: Any, sequences: Sequence[Sequence[int]], token_id: int, *,
                     mesh: Optional[jax.sharding.Mesh] = None, width_multiple: int = 64,
-                    pad_id: int = 0) -> list[np.ndarray]:
+                    pad_id: int = 0, min_rows: int = 0) -> list[np.ndarray]:
     """Per sequence, float32 [len(sequence)]: entry p is log P(token_id | sequence[:p+1]),
     the log-probability that `token_id` comes next after position p. One batched forward
-    pass (logits [rows, width, vocab] in float32: size the batch for it)."""
+    pass (logits [rows, width, vocab] in float32: size the batch for it); min_rows pads a
+    short batch with dummy rows (one compiled program for every batch)."""
     if not 0 <= token_id < model.config.vocab_size:
         raise ValueError(f"token_log_probs: token id {token_id} is outside the vocabulary "
                          f"(size {model.config.vocab_size})")
-    _, inputs = batch_rows(sequences, pad_id, mesh, width_multiple)
+    _, inputs = batch_rows(sequences, pad_id, mesh, width_multiple, min_rows)
     graphdef, state = nnx.split(model)
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         out = fetch_global(_token_log_probs(graphdef, state, *inputs, np.int32(token_id)))

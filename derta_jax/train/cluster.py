@@ -83,7 +83,8 @@ def _tpu_env_value(tpu_env: str, key: str) -> str:
 
 def multi_process_reason(environ: Mapping[str, str] = os.environ,
                          tpu_chips: Callable[[], int] = tpu_chips_attached,
-                         metadata: Callable[[str], Optional[str]] = gce_metadata) -> Optional[str]:
+                         metadata: Callable[[str], Optional[str]] = gce_metadata,
+                         flag: str = "--config.distributed.initialize") -> Optional[str]:
     """Why this launch has several processes (a sentence for the log), or None for one.
 
     Checked in order: an explicit JAX coordinator; a multislice job; a GKE TPU pod's worker
@@ -113,25 +114,26 @@ def multi_process_reason(environ: Mapping[str, str] = os.environ,
     except (OSError, ValueError) as err:  # URLError is an OSError
         raise RuntimeError(
             f"TPU chips are attached but the GCE metadata server did not answer ({err}); "
-            "set --config.distributed.initialize=always on a multi-host slice or =never "
-            "on a single host") from err
+            f"set {flag}=always on a multi-host slice or =never on a single host") from err
     if slices.isdigit() and int(slices) > 1:
         return f"Cloud TPU multislice with {slices} slices (metadata tpu-env)"
     return None
 
 
 def initialize_distributed(initialize: str, *, coordinator_address: str = "", num_processes: int = 0,
-                           process_id: int = -1, cpu_collectives: str = "gloo") -> None:
+                           process_id: int = -1, cpu_collectives: str = "gloo",
+                           flag: str = "--config.distributed.initialize") -> None:
     """jax.distributed.initialize, the one place every command (train, evaluate) starts the
     multi-process runtime. initialize: always; never; auto = only when a coordinator is given or
     `multi_process_reason` sees a multi-process launch (single-host runs skip it). Without a
-    coordinator address JAX finds the cluster itself (SLURM, TPU pods, Open MPI)."""
+    coordinator address JAX finds the cluster itself (SLURM, TPU pods, Open MPI). `flag`
+    names the setting in messages (the trainer's config field, evaluate's --distributed)."""
     if initialize not in INITIALIZE_MODES:
         raise ValueError(f"initialize={initialize!r}: use auto, always or never")
     if initialize == "never":
         return
     if initialize == "auto" and not coordinator_address:
-        reason = multi_process_reason()
+        reason = multi_process_reason(flag=flag)
         if reason is None:
             return
         log.info("distributed initialize=auto: %s; calling jax.distributed.initialize()", reason)
