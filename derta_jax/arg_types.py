@@ -6,15 +6,22 @@ from __future__ import annotations
 import argparse
 
 
-def prefill_depths(text: str) -> tuple[int, ...]:
-    try:
-        depths = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--prefill_depths={text!r}: expected integers "
-                                         f"separated by commas, e.g. 0,5,10") from None
-    if not depths or min(depths) < 0:
-        raise argparse.ArgumentTypeError(f"--prefill_depths={text!r}: need depths >= 0")
-    return depths
+def int_list(flag: str, noun: str, example: str, distinct: bool = False):
+    """An argparse type for --FLAG=A,B,...: integers >= 0 (distinct when asked), in order."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--{flag}={text!r}: expected integers separated "
+                                             f"by commas, e.g. {example}") from None
+        if not values or min(values) < 0 or (distinct and len(set(values)) != len(values)):
+            raise argparse.ArgumentTypeError(
+                f"--{flag}={text!r}: need {'distinct ' if distinct else ''}{noun} >= 0")
+        return values
+    return parse
+
+
+prefill_depths = int_list("prefill_depths", "depths", "0,5,10")
 
 
 def mesh_sizes(text: str) -> dict:

@@ -27,24 +27,11 @@ import os
 import sys
 from typing import Sequence
 
-from derta_jax.arg_types import mesh_sizes as _mesh, prefill_depths as _depths
+from derta_jax.arg_types import int_list, mesh_sizes as _mesh, prefill_depths as _depths
 from derta_jax.data.formats import DataError
 from derta_jax.data.templates import TEMPLATE_NAMES
 
 SUITE_CHOICES = ("direct", "completion", "prefill", "rank_prefill")
-
-
-def _ints(flag: str):
-    def parse(text: str) -> tuple[int, ...]:
-        try:
-            values = tuple(int(part) for part in text.split(",") if part.strip())
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--{flag}={text!r}: expected integers separated "
-                                             f"by commas") from None
-        if not values or min(values) < 0 or len(set(values)) != len(values):
-            raise argparse.ArgumentTypeError(f"--{flag}={text!r}: need distinct values >= 0")
-        return tuple(sorted(values))
-    return parse
 
 
 def _suites(text: str) -> tuple[str, ...]:
@@ -63,7 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="JSONL of question + harmful_response rows to fine-tune on")
     parser.add_argument("--prompts", required=True, help="JSONL evaluation prompts")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=_ints("steps"), default=(0, 5, 10, 20),
+    parser.add_argument("--steps", type=int_list("steps", "steps", "0,5,10,20", distinct=True),
+                        default=(0, 5, 10, 20),
                         help="attack steps K to evaluate (0: the model as given)")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_alpha", type=float, default=16.0)
@@ -125,10 +113,10 @@ def run(args: argparse.Namespace) -> dict:
             max_length=args.max_length, template=args.template, seed=args.seed,
             mesh=args.mesh, from_workdir=from_workdir))
     reports = {}
-    for k in args.steps:
+    for k in sorted(args.steps):
         model, step = (args.model, None) if k == 0 else (workdir, k)
         reports[k] = _evaluate(args, model, step, str(out / "eval" / f"k{k}"))
-    settings = {"steps": list(args.steps), "lora_rank": args.lora_rank,
+    settings = {"steps": sorted(args.steps), "lora_rank": args.lora_rank,
                 "lora_alpha": args.lora_alpha, "lr": args.lr, "schedule": "constant",
                 "batch_size": args.batch_size, "attack_rows": len(attack_rows),
                 "suites": list(args.suites), "judge": args.judge,

@@ -60,6 +60,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from derta_jax.arg_types import int_list
 from derta_jax.eval import reproduction as rp
 from derta_jax.eval.intervals import INTERVAL_METHOD
 
@@ -95,15 +96,7 @@ TRACKS = {"tiny": Track("tiny", rp.BUDGETS, rp.TEMPLATE, "tiny", lora=False,
 MODELS = tuple(TRACKS)
 
 
-def parse_seeds(text: str) -> tuple[int, ...]:
-    try:
-        seeds = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds={text!r}: expected integers separated by "
-                                         f"commas, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"--seeds={text!r}: need distinct seeds >= 0")
-    return seeds
+parse_seeds = int_list("seeds", "seeds", "0,1,2", distinct=True)
 
 
 RUN_CHOICES = rp.RECIPE_NAMES + (rp.DAMAGED_NAME,)
