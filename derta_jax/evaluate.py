@@ -145,6 +145,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--coordinator_address needs --num_processes >= 1 and --process_id "
                          f"in 0..num_processes-1, got --num_processes={args.num_processes} "
                          f"--process_id={args.process_id}")
+    if (args.num_processes or args.process_id != -1) and not args.coordinator_address:
+        raise ValueError("--num_processes and --process_id go with --coordinator_address "
+                         "(without it, --distributed=auto finds the cluster itself)")
     if args.suite == "rank_prefill" and args.prefill_unit != "tokens":
         raise ValueError("--suite=rank_prefill feeds tokens: --prefill_unit=words does not apply")
     if args.judge == "classifier" and not args.judge_model:

@@ -135,6 +135,13 @@ def test_evaluate_cli_errors_exit_2(tiny_model_dir, tmp_path, capsys):
     assert re.search(r"error: generate: a prompt of \d+ tokens \+ max_new_tokens=510 is beyond "
                      r"the model's context \(max_position_embeddings=512\)", err)
     assert not (tmp_path / "long").exists()
+    for flags, message in ((["--num_processes", "2"], "--num_processes and --process_id go with "
+                                                       "--coordinator_address"),
+                           (["--suite", "rank_prefill", "--prefill_unit", "words"],
+                            "--suite=rank_prefill feeds tokens: --prefill_unit=words")):
+        assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", prompts,
+                     "--out", str(tmp_path / "flags"), *flags]) == 2
+        assert message in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "ok"}\n{"prompt": "no question"}\n')
     assert main(["--model", tiny_model_dir, "--suite", "direct", "--prompts", str(bad),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any, Optional, Sequence
 
 import jax
@@ -50,11 +51,24 @@ def next_token_logits(model: Any, prompts: Sequence[Sequence[int]], *,
     return fetch_global(logits)[:len(prompts)]
 
 
+# positions whose [rows, chunk, vocab] float32 logits exist at once in token_log_probs
+LOGITS_CHUNK = 64
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _token_log_probs(graphdef, state, ids, positions, segments, token_id):
     model = nnx.merge(graphdef, state)
     hidden, _ = model(ids, positions, segments)
-    return jax.nn.log_softmax(model.logits(hidden).astype(jnp.float32), axis=-1)[..., token_id]
+    rows, width, dim = hidden.shape
+    chunk = math.gcd(width, LOGITS_CHUNK)
+    unembedding = model.unembedding()
+
+    def one(h):  # [rows, chunk, D] -> [rows, chunk]: the logits never exist for every position
+        logits = jnp.einsum("btd,dv->btv", h, unembedding, preferred_element_type=jnp.float32)
+        return jax.nn.log_softmax(logits, axis=-1)[..., token_id]
+
+    chunks = hidden.reshape(rows, width // chunk, chunk, dim).swapaxes(0, 1)
+    return jax.lax.map(one, chunks).swapaxes(0, 1).reshape(rows, width)
 
 
 def token_log_probs(model: Any, sequences: Sequence[Sequence[int]], token_id: int, *,
@@ -62,7 +76,7 @@ def token_log_probs(model: Any, sequences: Sequence[Sequence[int]], token_id: in
                     pad_id: int = 0, min_rows: int = 0) -> list[np.ndarray]:
     """Per sequence, float32 [len(sequence)]: entry p is log P(token_id | sequence[:p+1]),
     the log-probability that `token_id` comes next after position p. One batched forward
-    pass (logits [rows, width, vocab] in float32: size the batch for it); min_rows pads a
+    pass; the float32 logits exist LOGITS_CHUNK positions at a time; min_rows pads a
     short batch with dummy rows (one compiled program for every batch)."""
     if not 0 <= token_id < model.config.vocab_size:
         raise ValueError(f"token_log_probs: token id {token_id} is outside the vocabulary "
