@@ -122,9 +122,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "weight that writes to the residual stream")
     parser.add_argument("--scan_layers", action="store_true",
                         help="an HF directory's layers stacked and scanned: one layer body "
-                             "to compile. SmolLM2-135M (30 layers) on 2 CPU cores, batch 8: "
-                             "the first generate 17.9 -> 7.2 s, then 25%% more CPU per token; "
-                             "for deep models and short runs. A workdir keeps its own layout")
+                             "to compile (SmolLM2-135M on CPU: the first generate 2.4x faster, "
+                             "then ~25%% more CPU per token; BENCHMARKS.md); for deep models "
+                             "and short runs. A workdir keeps its own layout")
     parser.add_argument("--distributed", default="auto", choices=INITIALIZE_MODES,
                         help="start the multi-process runtime (jax.distributed.initialize): "
                              "auto = when the launch has several processes (SLURM, TPU pod, "
