@@ -100,7 +100,7 @@ def compile_target(choice: str, topology: Optional[Any]) -> tuple:
 
 def _has_data_source(config: Any) -> bool:
     d = config.data
-    return bool(d.train_files or d.triples or d.helpful or d.synthetic)
+    return bool(d.train_files or d.triples or d.helpful or d.synthetic or d.sources.strip())
 
 
 def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
@@ -113,7 +113,8 @@ def make_plan(config: Any, num_devices: int, topology: Optional[Any] = None, *,
     config = copy.deepcopy(config)
     notes = []
     if not _has_data_source(config):
-        notes.append("no data source is set (data.train_files / data.triples / data.helpful); "
+        notes.append("no data source is set (data.sources / data.train_files / data.triples / "
+                     "data.helpful); "
                      "the trainer needs one, the plan does not")
         config.data.synthetic = True
     validate(config, num_devices)

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from derta_jax.data import formats, mixture
-from derta_jax.data.templates import ReferenceTemplate, make_template
+from derta_jax.data.templates import ReferenceTemplate, make_example, make_template
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,7 +145,7 @@ def test_reference_example_row_round_trips(tmp_path):
     assert out.read_text(encoding="utf-8") == line
     # and our own template writes the same prefix/text layout for a harmful-prefix row
     template = ReferenceTemplate()
-    ours = mixture.make_example(template, "Explain how to steal a candybar.",
+    ours = make_example(template, "Explain how to steal a candybar.",
                                 "I'm sorry, I cannot assist with that.",
                                 prefill="To trick the system:\n- Generate chaos")
     assert (ours.prompt, ours.response) == (rows[0].prefix, rows[0].text)

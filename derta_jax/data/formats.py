@@ -1,4 +1,4 @@
-"""Read and validate the three JSONL row formats, with errors that name FILE:LINE: field.
+"""Read and validate the three row formats, with errors that name FILE:LINE: field.
 
 A 70B run that dies on row 41,337 after an hour of tokenisation is the failure this module
 exists to prevent: every row is checked when it is read, and every problem is reported as
@@ -8,6 +8,8 @@ exists to prevent: every row is checked when it is read, and every problem is re
     triples    {"question": str, "safe_response": str, "harmful_response": str}
     helpful    {"instruction": str, "output": str}
 
+Files are JSONL, or Parquet (by the `.parquet` suffix: the same fields as columns, ROW for
+LINE, a boolean `safe` column allowed), local or remote (gs://, through epath), streamed.
 Field names are configurable (`ReferenceFields`, `TripleFields`, `HelpfulFields`); extra
 fields are ignored. Decisions about the edge cases, so that nothing happens silently:
 
@@ -32,9 +34,10 @@ a `SkippedRow(source, reason)` for every bad one, for the caller to report.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-from typing import Any, Callable, Generic, Iterator, Literal, TypeVar
+from typing import Any, BinaryIO, Callable, Generic, Iterator, Literal, Sequence, TypeVar
 
 OnError = Literal["raise", "skip"]
 FORMATS = ("reference", "triples", "helpful")
@@ -114,6 +117,25 @@ class ReadResult(Generic[RowT]):
     skipped: tuple[SkippedRow, ...]
 
 
+def open_binary(path: str) -> BinaryIO:
+    """A local file, or a remote one (gs://, s3://) through the path layer the workdir uses."""
+    if "://" in path:
+        from derta_jax import paths
+
+        return paths.resolve(path).open("rb")
+    return open(path, "rb")
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file's bytes (local or remote): the identity of a data file in caches
+    and provenance."""
+    digest = hashlib.sha256()
+    with open_binary(path) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def decoded_lines(path: str) -> Iterator[tuple[str, str | DataError]]:
     """Yields (source, text of the line) or (source, DataError) for every line of `path`.
 
@@ -123,7 +145,7 @@ def decoded_lines(path: str) -> Iterator[tuple[str, str | DataError]]:
     Streams the file in binary, so one bad byte costs one row, not the file, and line
     numbers count "\n" only (never the other characters str.splitlines() splits on).
     """
-    with open(path, "rb") as f:
+    with open_binary(path) as f:
         for number, chunk in enumerate(f, start=1):
             source = f"{path}:{number}"
             chunk = chunk.removesuffix(b"\n").removesuffix(b"\r")
@@ -229,41 +251,102 @@ def parse_helpful(source: str, obj: dict, fields: HelpfulFields = HelpfulFields(
         source=source)
 
 
-def _read(path: str, parse: Callable[[str, dict], RowT], on_error: OnError) -> ReadResult[RowT]:
+def is_parquet(path: str) -> bool:
+    return path.lower().endswith(".parquet")
+
+
+def parquet_objects(path: str, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    """Every row of a Parquet file as (`FILE:ROW`, {column: value}), ROW counting from 1,
+    read a record batch at a time. A mapped column the file lacks is one DataError naming
+    the file and the field, before any row; booleans become the strings "true"/"false" (the
+    reference format's `safe`), so a Parquet row parses exactly as its JSONL line would."""
+    import pyarrow.parquet as pq
+
+    with open_binary(path) as handle:
+        try:
+            table = pq.ParquetFile(handle)
+        except Exception as e:  # pyarrow.ArrowInvalid and friends: not a Parquet file
+            raise DataError(path, LINE_FIELD, f"not a readable Parquet file ({e})") from None
+        names = table.schema_arrow.names
+        for column in columns:
+            if column not in names:
+                raise DataError(path, column, f"no such column (the file has: "
+                                              f"{', '.join(names) or 'none'})")
+        number = 0
+        for batch in table.iter_batches(batch_size=1024, columns=list(columns)):
+            for obj in batch.to_pylist():
+                number += 1
+                yield f"{path}:{number}", {k: ("true" if v else "false") if isinstance(v, bool)
+                                           else v for k, v in obj.items()}
+
+
+def iter_objects(path: str, columns: Sequence[str] = ()) -> Iterator[tuple[str, dict | DataError]]:
+    """(source, object) for every row of a JSONL or Parquet (by its suffix) file, local or
+    remote; a bad JSONL line is (source, DataError). `columns`: the fields a Parquet file
+    must have (JSONL rows are checked field by field when parsed)."""
+    if is_parquet(path):
+        yield from parquet_objects(path, columns)
+        return
+    for source, text in decoded_lines(path):
+        if isinstance(text, DataError):
+            yield source, text
+            continue
+        try:
+            yield source, parse_object(source, text)
+        except DataError as e:
+            yield source, e
+
+
+def iter_rows(path: str, parse: Callable[[str, dict], RowT], columns: Sequence[str],
+              on_error: OnError, skipped: list) -> Iterator[RowT]:
+    """The rows of `path`, streamed: bad ones raise (on_error="raise") or are appended to
+    `skipped` as SkippedRow and left out."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f'on_error must be "raise" or "skip", got {on_error!r}')
-    rows, skipped = [], []
-    for source, text in decoded_lines(path):
+    for source, obj in iter_objects(path, columns):
         try:
-            if isinstance(text, DataError):
-                raise text
-            rows.append(parse(source, parse_object(source, text)))
+            if isinstance(obj, DataError):
+                raise obj
+            row = parse(source, obj)
         except DataError as e:
             if on_error == "raise":
                 raise
             skipped.append(SkippedRow(source, f"{e.field}: {e.what}"))
-    return ReadResult(tuple(rows), tuple(skipped))
+            continue
+        yield row
+
+
+def _read(path: str, parse: Callable[[str, dict], RowT], on_error: OnError,
+          columns: Sequence[str] = ()) -> ReadResult[RowT]:
+    skipped: list = []
+    rows = tuple(iter_rows(path, parse, columns, on_error, skipped))
+    return ReadResult(rows, tuple(skipped))
 
 
 def read_json_objects(path: str, on_error: OnError = "raise") -> ReadResult[tuple[str, dict]]:
     """Every line as (source, JSON object), with this module's line checks (encoding, BOM,
     blank lines, JSON) but no field checks: for JSONL formats defined elsewhere."""
+    if is_parquet(path):
+        raise DataError(path, LINE_FIELD, "expected a JSONL file, not Parquet")
     return _read(path, lambda source, obj: (source, obj), on_error)
 
 
 def read_reference(path: str, fields: ReferenceFields = ReferenceFields(),
                    on_error: OnError = "raise") -> ReadResult[ReferenceRow]:
-    return _read(path, lambda s, o: parse_reference(s, o, fields), on_error)
+    return _read(path, lambda s, o: parse_reference(s, o, fields), on_error,
+                 dataclasses.astuple(fields))
 
 
 def read_triples(path: str, fields: TripleFields = TripleFields(),
                  on_error: OnError = "raise") -> ReadResult[TripleRow]:
-    return _read(path, lambda s, o: parse_triple(s, o, fields), on_error)
+    return _read(path, lambda s, o: parse_triple(s, o, fields), on_error,
+                 dataclasses.astuple(fields))
 
 
 def read_helpful(path: str, fields: HelpfulFields = HelpfulFields(),
                  on_error: OnError = "raise") -> ReadResult[HelpfulRow]:
-    return _read(path, lambda s, o: parse_helpful(s, o, fields), on_error)
+    return _read(path, lambda s, o: parse_helpful(s, o, fields), on_error,
+                 dataclasses.astuple(fields))
 
 
 def read_rows(path: str, format: str, fields=None, on_error: OnError = "raise") -> ReadResult:
@@ -286,10 +369,24 @@ def reference_row_to_json(row: ReferenceRow, fields: ReferenceFields = Reference
 # --- command-line inputs of the data commands (mixture, validate) ------------------------
 
 
+def cli_one_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def input_file_problem(label: str, path: str) -> str | None:
     """Why a command cannot read its input file `path`, as `LABEL: no such file` (LABEL
     names the flag, e.g. `--triples=PATH`), or None for a regular file. The data commands
     print it as `error: ...` with exit status 2, before reading anything."""
+    if "://" in path:
+        from derta_jax import paths
+
+        try:
+            remote = paths.resolve(path)
+            if remote.is_dir():
+                return f"{label}: is a directory, not a file"
+            return None if remote.exists() else f"{label}: no such file"
+        except (ValueError, ImportError, OSError) as e:  # scheme, filesystem package, credentials
+            return f"{label}: cannot be read ({cli_one_line(e)})"
     if os.path.isdir(path):
         return f"{label}: is a directory, not a file"
     if not os.path.exists(path):

@@ -43,7 +43,8 @@ from typing import Sequence
 
 from derta_jax.data import formats
 from derta_jax.paths import check_output_file
-from derta_jax.data.templates import Example, Template, make_example, make_template
+from derta_jax.data.templates import (Example, Template, TextRow, make_template,
+                                      render_row)
 
 RECIPES = ("sft", "vanilla", "prefix", "rto", "derta", "recaug")
 DEFAULT_NUM_SAFETY = 6000
@@ -99,6 +100,14 @@ def draw_cut(rng: random.Random, instance: int, num_words: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixtureRows:
+    rows: tuple[TextRow, ...]  # before any template: what a TFDS mixture stores
+    counts: dict  # kind -> rows
+    triple_passes: int  # 1 when no triple was used twice; >1 means triples were reused
+    notes: tuple[str, ...]  # human-readable facts about the build (reuse, subsets)
+
+
+@dataclasses.dataclass(frozen=True)
 class Mixture:
     examples: tuple[Example, ...]
     counts: dict  # kind -> rows
@@ -115,10 +124,12 @@ def _seeded_order(rng: random.Random, size: int, needed: int) -> list[int]:
     return order[:needed]
 
 
-def build_mixture(triples: Sequence[formats.TripleRow], helpful: Sequence[formats.HelpfulRow],
-                  recipe: str, seed: int, template: Template,
-                  num_safety: int = DEFAULT_NUM_SAFETY, num_helpful: int | None = None) -> Mixture:
-    """The recipe's examples: helpful rows (file order), then safety rows in instance order."""
+def build_mixture_rows(triples: Sequence[formats.TripleRow],
+                       helpful: Sequence[formats.HelpfulRow], recipe: str, seed: int,
+                       num_safety: int = DEFAULT_NUM_SAFETY,
+                       num_helpful: int | None = None) -> MixtureRows:
+    """The recipe's rows, template-free: helpful rows (file order), then safety rows in
+    instance order. Every random choice comes from `seed`, none from the template."""
     counts = recipe_counts(recipe, num_safety)
     rng = random.Random(seed)
     notes = []
@@ -129,8 +140,8 @@ def build_mixture(triples: Sequence[formats.TripleRow], helpful: Sequence[format
     if num_helpful < len(helpful):
         notes.append(f"{num_helpful} of {len(helpful)} helpful rows (seeded sample)")
     chosen_helpful = sorted(rng.sample(range(len(helpful)), num_helpful))
-    examples = [make_example(template, helpful[i].instruction, helpful[i].output,
-                             kind="helpful", source=helpful[i].source) for i in chosen_helpful]
+    rows = [TextRow(helpful[i].instruction, helpful[i].output, kind="helpful",
+                    source=helpful[i].source) for i in chosen_helpful]
 
     if counts.triples and not triples:
         raise ValueError(f"recipe {recipe!r} needs triples (--triples) for {num_safety} safety rows")
@@ -143,25 +154,34 @@ def build_mixture(triples: Sequence[formats.TripleRow], helpful: Sequence[format
     for index in order:
         row = triples[index]
         if counts.refusal:
-            examples.append(make_example(template, row.question, row.safe_response,
-                                         kind="refusal", source=row.source))
+            rows.append(TextRow(row.question, row.safe_response, kind="refusal",
+                                source=row.source))
         if counts.rto:
-            examples.append(make_example(template, row.question, row.harmful_response, rto=True,
-                                         kind="rto", source=row.source))
+            rows.append(TextRow(row.question, row.harmful_response, rto=True, kind="rto",
+                                source=row.source))
         if counts.harmful_prefix:
             words = len(row.harmful_response.split())
             k = draw_cut(rng, prefix_instance, words)
             prefix_instance += 1
-            examples.append(make_example(template, row.question, row.safe_response,
-                                         prefill=word_prefix(row.harmful_response, k),
-                                         kind="harmful_prefix", source=row.source))
-    if not examples:
+            rows.append(TextRow(row.question, row.safe_response,
+                                prefill=word_prefix(row.harmful_response, k),
+                                kind="harmful_prefix", source=row.source))
+    if not rows:
         raise ValueError(f"recipe {recipe!r} with num_safety={num_safety} and "
                          f"{num_helpful} helpful rows gives an empty mixture (--helpful missing?)")
     kinds: dict[str, int] = {}
-    for example in examples:
-        kinds[example.kind] = kinds.get(example.kind, 0) + 1
-    return Mixture(tuple(examples), kinds, max(passes, 1), tuple(notes))
+    for row in rows:
+        kinds[row.kind] = kinds.get(row.kind, 0) + 1
+    return MixtureRows(tuple(rows), kinds, max(passes, 1), tuple(notes))
+
+
+def build_mixture(triples: Sequence[formats.TripleRow], helpful: Sequence[formats.HelpfulRow],
+                  recipe: str, seed: int, template: Template,
+                  num_safety: int = DEFAULT_NUM_SAFETY, num_helpful: int | None = None) -> Mixture:
+    """The recipe's examples under `template` (build_mixture_rows, rendered)."""
+    built = build_mixture_rows(triples, helpful, recipe, seed, num_safety, num_helpful)
+    examples = tuple(render_row(row, template, "") for row in built.rows)
+    return Mixture(examples, built.counts, built.triple_passes, built.notes)
 
 
 def example_to_reference_row(example: Example) -> formats.ReferenceRow:

@@ -145,6 +145,105 @@ def epoch_orders(num_rows: int, num_epochs: int, seed: int, shuffle: bool) -> li
             for epoch in range(num_epochs)]
 
 
+MIXING_EPOCHS = ("all_rows", "first_exhausted")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixing:
+    """Weighted sources in one row space: source i is rows [offset_i, offset_i + sizes[i]).
+
+    One epoch interleaves the sources by Grain's proportional mixing (`MapDataset.mix`:
+    integer proportions, a fixed deterministic interleave), each source read in its own
+    seeded permutation per pass. `epoch` says when an epoch ends:
+      all_rows         when every source has given every row at least once; sources whose
+                       weight asks for more rows than they have are read again, in a fresh
+                       permutation per pass (upsampling);
+      first_exhausted  Grain's own length: when the first source runs out, so no row
+                       appears twice in an epoch (the others are partly read).
+    """
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+    epoch: str = "all_rows"
+
+    def validate(self) -> "Mixing":
+        if len(self.sizes) != len(self.weights) or not self.sizes:
+            raise ValueError("mixing: one weight per source")
+        if any(n <= 0 for n in self.sizes):
+            raise ValueError(f"mixing: every source needs rows, got sizes {list(self.sizes)}")
+        if any(not w > 0 for w in self.weights):
+            raise ValueError(f"mixing: weights must be positive, got {list(self.weights)}")
+        if self.epoch not in MIXING_EPOCHS:
+            raise ValueError(f"data.mixture_epoch={self.epoch!r}: must be one of "
+                             f"{', '.join(MIXING_EPOCHS)}")
+        return self
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+
+
+def grain_proportions(weights: Sequence[float]) -> tuple[int, ...]:
+    """The integer proportions Grain's mix uses for float weights (smallest scaled to 100)."""
+    scale = 100 / min(weights)
+    return tuple(int(w * scale) for w in weights)
+
+
+def grain_selection(positions: np.ndarray, proportions: Sequence[int]):
+    """(source, index within source) of each position of Grain's proportional interleave,
+    vectorised: the same integer recurrence as `MapDataset.mix`, for millions of positions
+    at numpy speed (tests/test_data_sources.py checks it against Grain element by element)."""
+    k = np.asarray(positions, np.int64)
+    source = np.full(k.shape, -1, np.int64)
+    key = np.zeros(k.shape, np.int64)
+    remaining = int(sum(proportions))
+    curr, curr1 = k, k + 1
+    for i, p in enumerate(proportions):
+        nxt = (curr * (remaining - p)) // remaining
+        nxt1 = (curr1 * (remaining - p)) // remaining
+        count = curr1 - nxt1
+        hit = (source < 0) & ((curr - nxt) != count)
+        source[hit], key[hit] = i, count[hit] - 1
+        remaining -= p
+        curr, curr1 = nxt, nxt1
+    return source, key
+
+
+def mixing_epoch_length(mixing: Mixing) -> int:
+    """Rows in one epoch of the mixture (see Mixing.epoch)."""
+    props, sizes = grain_proportions(mixing.weights), np.asarray(mixing.sizes, np.int64)
+    total = sum(props)
+    if mixing.epoch == "first_exhausted":  # Grain's: len(parent) / (weight / weight_sum)
+        return int(min(n / (p / total) for n, p in zip(mixing.sizes, props)))
+    length = int(max(-(-n * total // p) for n, p in zip(mixing.sizes, props)))
+    while True:
+        counts = np.bincount(grain_selection(np.arange(length), props)[0], minlength=len(props))
+        short = sizes - counts
+        if (short <= 0).all():
+            return length
+        length += int(max(-(-s * total // p) for s, p in zip(short, props) if s > 0))
+
+
+def mixed_epoch_orders(mixing: Mixing, num_epochs: int, seed: int,
+                       shuffle: bool) -> list[np.ndarray]:
+    """Row ids (in the concatenated row space) of each epoch of the mixture, in order."""
+    mixing.validate()
+    props, offsets = grain_proportions(mixing.weights), mixing.offsets
+    length = mixing_epoch_length(mixing)
+    source, key = grain_selection(np.arange(length), props)
+    orders = []
+    for epoch in range(num_epochs):
+        order = np.empty(length, np.int64)
+        for i, size in enumerate(mixing.sizes):
+            picked = source == i
+            passes = -(-int(key[picked].max(initial=-1) + 1) // size)
+            stream = np.concatenate(
+                [np.random.default_rng([seed, epoch, i, p]).permutation(size) if shuffle
+                 else np.arange(size) for p in range(max(passes, 1))])
+            order[picked] = offsets[i] + stream[key[picked]]
+        orders.append(order)
+    return orders
+
+
 def epoch_sequences(order: np.ndarray, lengths: np.ndarray, config: LoaderConfig,
                     epoch: int) -> list[list[int]]:
     """One epoch's rows (in reading order) grouped into sequences of row ids."""
@@ -158,12 +257,17 @@ def epoch_sequences(order: np.ndarray, lengths: np.ndarray, config: LoaderConfig
     return bins
 
 
-def build_plan(lengths: Sequence[int], config: LoaderConfig) -> DataPlan:
-    """The full sequence stream of a run from the rows' lengths (pure, deterministic)."""
+def build_plan(lengths: Sequence[int], config: LoaderConfig,
+               mixing: Optional[Mixing] = None) -> DataPlan:
+    """The full sequence stream of a run from the rows' lengths (pure, deterministic);
+    with `mixing`, each epoch's rows are the weighted mixture's instead of one permutation."""
     config.validate()
     lengths = np.asarray(lengths, np.int64)
     if lengths.size == 0:
         raise ValueError("the data set has no rows")
+    if mixing is not None and sum(mixing.sizes) != lengths.size:
+        raise ValueError(f"mixing: sources of {sum(mixing.sizes)} rows, but {lengths.size} "
+                         f"row lengths")
     too_long = np.flatnonzero(lengths > config.seq_len)
     if too_long.size:
         raise ValueError(f"row {int(too_long[0])}: field 'input_ids' has "
@@ -172,8 +276,10 @@ def build_plan(lengths: Sequence[int], config: LoaderConfig) -> DataPlan:
     G = config.global_batch_size
     sequences: list[list[int]] = []
     first_step, dropped = [0], 0
-    for epoch, order in enumerate(epoch_orders(len(lengths), config.num_epochs,
-                                               config.seed, config.shuffle)):
+    orders = (epoch_orders(len(lengths), config.num_epochs, config.seed, config.shuffle)
+              if mixing is None else
+              mixed_epoch_orders(mixing, config.num_epochs, config.seed, config.shuffle))
+    for epoch, order in enumerate(orders):
         bins = epoch_sequences(order, lengths, config, epoch)
         extra = len(bins) % G
         if extra and config.drop_remainder:
@@ -213,7 +319,8 @@ class DataPipeline:
 
     def __init__(self, source: Sequence[Mapping], config: LoaderConfig, *,
                  process_index: Optional[int] = None, process_count: Optional[int] = None,
-                 read_threads: int = 2, prefetch_batches: int = 4):
+                 read_threads: int = 2, prefetch_batches: int = 4,
+                 mixing: Optional[Mixing] = None):
         self.config = config.validate()
         if process_index is None or process_count is None:
             import jax  # only when the caller leaves it to the JAX runtime
@@ -228,7 +335,7 @@ class DataPipeline:
         self.source = source
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = config.global_batch_size // process_count
-        self.plan = build_plan(row_lengths(source, config.seq_len), config)
+        self.plan = build_plan(row_lengths(source, config.seq_len), config, mixing)
         layout = (f"{self.plan.fingerprint()}|seq_len={config.seq_len}|pad_id={config.pad_id}"
                   f"|packing={config.packing}|source={getattr(source, 'key', None)!r}")
         self.fingerprint = hashlib.sha256(layout.encode("utf-8")).hexdigest()[:32]
@@ -271,6 +378,34 @@ class DataPipeline:
         if state is not None:
             it.set_state(state)
         return it
+
+
+class ConcatRows:
+    """Several random-access row sources (token caches) as one: source i's row j is row
+    `offsets[i] + j`. `lengths` and `key` combine theirs, so the loader plans and
+    fingerprints the whole without reading a row."""
+
+    def __init__(self, sources: Sequence[Sequence[Mapping]]):
+        if not sources:
+            raise ValueError("ConcatRows: no sources")
+        self.sources = list(sources)
+        self.sizes = tuple(len(s) for s in self.sources)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.key = "+".join(str(getattr(s, "key", None)) for s in self.sources)
+
+    @property
+    def lengths(self):
+        parts = [getattr(s, "lengths", None) for s in self.sources]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> Mapping:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows")
+        i = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.sources[i][index - int(self.offsets[i])]
 
 
 class LoaderIterator:

@@ -49,6 +49,35 @@ class Example:
     kind: str = "mle"  # helpful | refusal | harmful_prefix | rto | mle (reference rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class TextRow:
+    """One training row before any template: what a data set stores (TFDS, Parquet), so the
+    same data trains any model. `prompt` set: an already-rendered prompt (a reference-format
+    row), used as written; else the template renders `question` (+ `prefill`)."""
+    question: str
+    response: str
+    prefill: str = ""
+    rto: bool = False
+    kind: str = "mle"
+    source: str = ""
+    prompt: str = ""
+
+
+def reference_text_row(row: ReferenceRow) -> TextRow:
+    return TextRow(question="", response=row.text, rto=row.safe,
+                   kind="rto" if row.safe else "mle", source=row.source, prompt=row.prefix)
+
+
+def render_row(row: TextRow, template: "Template", eos: str) -> Example:
+    """The Example a TextRow trains as under `template` (`eos`: the tokenizer's EOS, which
+    ends a pre-rendered row's response exactly once)."""
+    if row.prompt:
+        return Example(prompt=row.prompt, response=terminate_response(row.response, eos),
+                       rto=row.rto, source=row.source, kind=row.kind)
+    return make_example(template, row.question, row.response, prefill=row.prefill, rto=row.rto,
+                        kind=row.kind, source=row.source)
+
+
 class Template(Protocol):
     name: str
 

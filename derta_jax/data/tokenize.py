@@ -34,7 +34,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Sequence
+import itertools
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -152,6 +153,17 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, refusal_id: i
                       batch_size: int = 256) -> tuple[list[dict], TokenizeReport]:
     """Every example to a row (the same arrays as tokenize_example, encoded in batches);
     the report counts truncations and lists skipped rows."""
+    report = TokenizeReport()
+    rows = list(iter_tokenized(examples, tokenizer, refusal_id, max_length, report,
+                               on_error=on_error, add_bos=add_bos, batch_size=batch_size))
+    return rows, report
+
+
+def iter_tokenized(examples: Iterable[Example], tokenizer: Any, refusal_id: int,
+                   max_length: int, report: TokenizeReport, on_error: str = "raise",
+                   add_bos: bool | None = None, batch_size: int = 256) -> Iterator[dict]:
+    """tokenize_examples, streamed: rows come out as `examples` are consumed (a batch at a
+    time), so a million-row source never sits in memory; `report` fills as it goes."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f'on_error must be "raise" or "skip", got {on_error!r}')
     if max_length < 2:
@@ -161,9 +173,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, refusal_id: i
     if add_bos is None:
         add_bos = tokenizer_adds_bos(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None) if add_bos else None
-    rows, report = [], TokenizeReport()
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
+    examples = iter(examples)
+    while batch := list(itertools.islice(examples, batch_size)):
         encodings = tokenizer([e.prompt + e.response for e in batch], add_special_tokens=False,
                               return_offsets_mapping=True)
         for i, example in enumerate(batch):
@@ -176,14 +187,13 @@ def tokenize_examples(examples: Sequence[Example], tokenizer: Any, refusal_id: i
                     raise
                 report.skipped.append(SkippedRow(e.source, f"{e.field}: {e.what}"))
                 continue
-            rows.append(result.row)
             report.rows += 1
             report.rto_rows += int(example.rto)
             report.lengths.append(int(result.row["input_ids"].shape[0]))
             report.full_lengths.append(result.full_length)
             if result.truncated:
                 report.truncated.append(example.source)
-    return rows, report
+            yield result.row
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import ml_collections
 
 from derta_jax.data.mixture import RECIPES
+from derta_jax.data.pipeline import MIXING_EPOCHS
+from derta_jax.data.sources import SourceError, parse_sources
 from derta_jax.data.templates import TEMPLATE_NAMES as TEMPLATES
 from derta_jax.loss import NORMALIZATIONS, LossConfig
 from derta_jax.models.config import ModelConfig
@@ -52,6 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train_files = ""  # comma-separated reference-format JSONL files (prefix/text/safe)
     c.data.triples = ""  # JSONL of {question, safe_response, harmful_response}: mixture on the fly
     c.data.helpful = ""  # JSONL of {instruction, output}
+    # named sources, comma-separated, each [tfds:|reference:|helpful:]LOCATION[@WEIGHT]:
+    # TFDS data sets (python -m derta_jax.data.tfds_build), JSONL/Parquet files, local or gs://
+    c.data.sources = ""
+    c.data.tfds_data_dir = ""  # where tfds: sources live; "" = TFDS's default
+    c.data.mixture_epoch = "all_rows"  # weighted sources: all_rows | first_exhausted
     c.data.recipe = "derta"
     c.data.num_safety = 6000  # safety ROWS in an on-the-fly mixture
     c.data.num_helpful = -1  # -1 = all
@@ -159,8 +166,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check(d.max_length >= 8, "data.max_length", d.max_length, "must be >= 8")
     _check(d.num_safety >= 0, "data.num_safety", d.num_safety, "must be >= 0")
     _check(d.on_error in ("raise", "skip"), "data.on_error", d.on_error, "must be raise or skip")
-    _check(bool(d.train_files or d.triples or d.helpful or d.synthetic), "data", "",
-           "no data: set data.train_files, data.triples/data.helpful, or data.synthetic=True")
+    inline = bool(d.train_files or d.triples or d.helpful or d.synthetic)
+    _check(inline or bool(d.sources.strip()), "data", "",
+           "no data: set data.sources, data.train_files, data.triples/data.helpful, or "
+           "data.synthetic=True")
+    _check(d.mixture_epoch in MIXING_EPOCHS, "data.mixture_epoch", d.mixture_epoch,
+           f"must be one of {MIXING_EPOCHS}")
+    try:
+        specs = parse_sources(d.sources)
+    except SourceError as e:
+        raise ConfigError(str(e)) from None
+    _check(not (inline and any(s.weight is not None for s in specs)), "data.sources", d.sources,
+           "weights mix the sources named there only; name every source in data.sources "
+           "(drop data.train_files/triples/helpful/synthetic, or build them into a TFDS data "
+           "set with python -m derta_jax.data.tfds_build)")
     _check(lo.normalization in NORMALIZATIONS, "loss.normalization", lo.normalization,
            f"must be one of {NORMALIZATIONS}")
     _check(0.0 < lo.rto_keep_rate <= 1.0, "loss.rto_keep_rate", lo.rto_keep_rate, "must be in (0, 1]")

@@ -4,8 +4,12 @@ Sources, any combination:
   - data.train_files: reference-format JSONL (prefix/text/safe), used as written;
   - data.triples (+ data.helpful): a mixture built on the fly with the config's template;
   - data.synthetic: the project's own synthetic safety world (tiny runs, no download),
-    with a small BPE tokenizer trained on it and saved in the workdir.
-Rows are tokenised once into a cache keyed by everything that changes the tokens.
+    with a small BPE tokenizer trained on it and saved in the workdir;
+  - data.sources: named sources (TFDS data sets in data.tfds_data_dir, JSONL/Parquet files,
+    local or gs://), optionally with mixing weights (data/sources.py).
+Rows are tokenised once into a cache keyed by everything that changes the tokens: the
+fields above share one cache, each data.sources entry has its own (streamed, so a source of
+millions of rows never sits in memory), and the loader reads them as one row space.
 Nothing is dropped silently: skipped and truncated rows go to workdir/data_report.json.
 
 Remote workdirs (gs://...): the token cache is memory-mapped and tokenizers load from local
@@ -25,8 +29,8 @@ from typing import Any
 
 import ml_collections
 
-from derta_jax.data import formats, mixture, synthetic, templates, tokenize
-from derta_jax.data.pipeline import DataPipeline, LoaderConfig
+from derta_jax.data import formats, mixture, sources, synthetic, templates, tokenize
+from derta_jax.data.pipeline import ConcatRows, DataPipeline, LoaderConfig, Mixing
 from derta_jax.data.token_cache import load_or_build_cache
 from derta_jax.data.tokenizer_builder import build_bpe_tokenizer, load_tokenizer, save_tokenizer
 from derta_jax import paths
@@ -153,40 +157,104 @@ def _examples_hash(examples) -> str:
     return digest.hexdigest()[:16]
 
 
+def has_inline_data(config: ml_collections.ConfigDict) -> bool:
+    """Data given by the fields before data.sources (files, an on-the-fly mixture, synthetic)."""
+    d = config.data
+    return bool(d.train_files or d.triples or d.helpful or d.synthetic)
+
+
+def source_specs(config: ml_collections.ConfigDict) -> list[sources.SourceSpec]:
+    """data.sources parsed (config.validate has checked them: a ConfigError here too)."""
+    try:
+        return sources.parse_sources(config.data.sources)
+    except sources.SourceError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _source_cache(spec: sources.SourceSpec, config: ml_collections.ConfigDict, tokenizer: Any,
+                  template: templates.Template, refusal_id: int, base_key: str,
+                  cache_root: str) -> tuple[Any, list, list]:
+    """One data.sources entry tokenised into its own cache (built at most once per key);
+    returns the cache, its tokenisation reports (empty on a cache hit) and skipped rows."""
+    d = config.data
+    try:
+        opened = sources.open_source(spec, d.tfds_data_dir or _tfds_default_dir(), d.on_error)
+    except sources.SourceError as e:
+        raise ConfigError(str(e)) from None
+    reports = []
+    eos = tokenizer.eos_token
+
+    def make_rows():
+        report = tokenize.TokenizeReport()
+        reports.append(report)
+        examples = (templates.render_row(row, template, eos) for row in opened.rows())
+        return tokenize.iter_tokenized(examples, tokenizer, refusal_id, d.max_length, report,
+                                       on_error=d.on_error)
+
+    cache = load_or_build_cache(cache_root, f"{base_key}-source-{opened.fingerprint[:40]}",
+                                make_rows)
+    if len(cache) == 0:
+        raise ConfigError(f"data.sources entry {spec.text!r}: no rows")
+    return cache, reports, opened.skipped
+
+
+def _tfds_default_dir() -> str:
+    from derta_jax.data.tfds_format import default_data_dir
+
+    return default_data_dir()
+
+
 def build_training_data(config: ml_collections.ConfigDict, workdir: paths.PathLike, *,
                         process_index: int, process_count: int) -> TrainingData:
     d = config.data
+    specs = source_specs(config)
     tokenizer, tokenizer_dir = load_or_train_tokenizer(config, workdir)
     refusal_id = tokenize.refusal_token_id(tokenizer, d.refusal_string)
     template = templates.make_template(d.template, tokenizer, plain_prefix=d.plain_prefix,
                                        plain_suffix=d.plain_suffix)
-    examples, notes, skipped = _examples(config, tokenizer, template)
-    key = (tokenize.cache_key(tokenizer, template, d.max_length, refusal_id)
-           + f"-data{_examples_hash(examples)}")
-    reports = []
+    base_key = tokenize.cache_key(tokenizer, template, d.max_length, refusal_id)
+    cache_root = local_cache_root(config, workdir)
+    caches, reports, notes, skipped, examples_count = [], [], [], [], 0
+    if has_inline_data(config) or not specs:
+        examples, notes, skipped = _examples(config, tokenizer, template)
+        examples_count = len(examples)
 
-    def make_rows():
-        rows, report = tokenize.tokenize_examples(examples, tokenizer, refusal_id, d.max_length,
-                                                  on_error=d.on_error)
-        reports.append(report)
-        return rows
+        def make_rows():
+            rows, report = tokenize.tokenize_examples(examples, tokenizer, refusal_id,
+                                                      d.max_length, on_error=d.on_error)
+            reports.append(report)
+            return rows
 
-    cache = load_or_build_cache(local_cache_root(config, workdir), key, make_rows)
+        caches.append(load_or_build_cache(cache_root, f"{base_key}-data{_examples_hash(examples)}",
+                                          make_rows))
+    for spec in specs:
+        cache, built, bad = _source_cache(spec, config, tokenizer, template, refusal_id,
+                                          base_key, cache_root)
+        caches.append(cache)
+        reports += built
+        skipped += bad
+        examples_count += len(cache) + len(bad) + sum(len(r.skipped) for r in built)
+        notes.append(f"{spec.label}: {len(cache)} rows"
+                     + (f", weight {spec.weight:g}" if spec.weight is not None else ""))
+    mixing = None
+    if specs and specs[0].weight is not None:
+        mixing = Mixing(tuple(len(c) for c in caches), tuple(s.weight for s in specs),
+                        d.mixture_epoch).validate()
+    source = caches[0] if len(caches) == 1 else ConcatRows(caches)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = LoaderConfig(seq_len=d.max_length, global_batch_size=config.train.batch_size,
                           num_epochs=max(config.train.num_epochs, 1), seed=d.shuffle_seed,
                           packing=d.packing, pad_id=int(pad_id))
-    pipeline = DataPipeline(cache, loader, process_index=process_index,
-                            process_count=process_count)
-    report = {"examples": len(examples), "rows": len(cache), "notes": notes,
+    pipeline = DataPipeline(source, loader, process_index=process_index,
+                            process_count=process_count, mixing=mixing)
+    report = {"examples": examples_count, "rows": len(source), "notes": notes,
               "skipped_rows": [dataclasses.asdict(s) for s in skipped],
               "refusal_id": refusal_id, "refusal_string": d.refusal_string,
               "steps_per_epoch": list(pipeline.steps_per_epoch),
               "non_pad_fraction": pipeline.non_pad_fraction}
     if reports:  # built now (not read from cache): truncation facts are fresh
-        r = reports[0]
-        report["truncated_rows"] = r.truncated
-        report["skipped_rows"] += [dataclasses.asdict(s) for s in r.skipped]
+        report["truncated_rows"] = [source for r in reports for source in r.truncated]
+        report["skipped_rows"] += [dataclasses.asdict(s) for r in reports for s in r.skipped]
     for s in report["skipped_rows"]:
         log.warning("skipped row %s: %s", s.get("source"), s.get("reason"))
     return TrainingData(pipeline, tokenizer, tokenizer_dir, refusal_id, report)
