@@ -345,7 +345,8 @@ def test_loader_state_round_trips_through_an_orbax_checkpoint_manager(tmp_path):
 def test_token_cache_round_trip_is_exact_and_feeds_the_pipeline(tmp_path):
     rows = make_rows(seed=12, n=40)
     cache = token_cache.write_token_cache(tmp_path, "tok=abc|max=32", iter(rows))
-    assert len(cache) == 40 and cache.meta_vocab == {"kind": ["helpful", "rto"]}
+    assert len(cache) == 40 and sorted(cache.meta) == ["kind"]
+    assert isinstance(cache.meta["kind"][0], np.memmap)  # strings stay on disk
     assert isinstance(cache.arrays["input_ids"], np.memmap)
     np.testing.assert_array_equal(cache.lengths, [len(r["input_ids"]) for r in rows])
     for i, row in enumerate(rows):

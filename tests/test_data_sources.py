@@ -140,8 +140,28 @@ def test_tfds_build_of_parquet_rows_with_a_column_mapping(world, tmp_path):
     status = tfds_build.main(["tfds_build", "--name=my_sft2", f"--helpful={tmp_path}/h.parquet",
                               f"--data_dir={tmp_path}/d"])
     assert status == 1
-    assert not (tmp_path / "d" / "my_sft2").exists() or not any(
-        (tmp_path / "d" / "my_sft2").glob("*/dataset_info.json"))
+    assert list((tmp_path / "d" / "my_sft2").iterdir()) == []  # no version, no staging left
+
+
+def test_tfds_build_overwrite_replaces_the_version_whole(world, tmp_path):
+    lines = open(world["helpful"], encoding="utf-8").read().splitlines()
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:30]) + "\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[30:40]) + "\n", encoding="utf-8")
+    build = ["tfds_build", "--name=sft", f"--data_dir={tmp_path}/d"]
+    assert tfds_build.main(build + [f"--helpful={tmp_path}/a.jsonl"]) == 0
+    assert tfds_build.main(build + [f"--helpful={tmp_path}/b.jsonl", "--overwrite"]) == 0
+    split = tfds_format.open_split("sft", "train", f"{tmp_path}/d")
+    assert [r.question for r in split.rows()] == [json.loads(x)["instruction"]
+                                                  for x in lines[30:40]]
+    assert sorted(p.name for p in (tmp_path / "d" / "sft").iterdir()) == ["1.0.0"]
+    # a small shard size splits the split into several ArrayRecord files, read in order
+    result = tfds_build.write_dataset(
+        "sharded", "1.0.0", None, f"{tmp_path}/d",
+        lambda: iter(split.rows()), {"note": "test"}, shard_rows=3)
+    assert result.rows == 10
+    assert len(list((tmp_path / "d" / "sharded" / "1.0.0").glob("*.array_record-*"))) == 4
+    resplit = tfds_format.open_split("sharded", "train", f"{tmp_path}/d")
+    assert list(resplit.rows()) == list(split.rows())
 
 
 def test_tfds_build_refuses_an_existing_version_and_bad_flags(world, tmp_path, capsys):

@@ -12,7 +12,8 @@ import re
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "derta_jax"
 COMMANDS = {"derta_jax.convert", "derta_jax.export", "derta_jax.evaluate", "derta_jax.plan",
-            "derta_jax.reproduce", "derta_jax.train.loop", "derta_jax.train.__main__"}
+            "derta_jax.reproduce", "derta_jax.train.loop", "derta_jax.train.__main__",
+            "derta_jax.data.tfds_build"}
 LIBRARY_DIRS = ("data", "models", "hf", "eval")
 LIBRARY_FILES = ("paths.py", "workdir.py", "weights.py", "loss.py", "train/state.py",
                  "train/step.py", "train/plan_compile.py", "train/plan_memory.py",

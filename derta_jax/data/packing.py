@@ -119,42 +119,60 @@ def stack_sequences(sequences: Sequence[Mapping], seq_len: int,
     return {key: np.stack([seq[key] for seq in sequences]) for key in BATCH_KEYS}
 
 
-def first_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
-    """Packs items into bins of capacity seq_len, longest first, each into the first bin
-    with room. Returns bins (lists of indices into `lengths`) in order of opening, each
-    bin's items in the order they were placed. Ties keep the input order (stable)."""
+def ffd_bins(lengths: Sequence[int], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit-decreasing as arrays: items into bins of capacity seq_len, longest first,
+    each into the first bin with room (ties keep the input order). Returns (items, sizes):
+    item indices grouped by bin, bins in order of opening and each bin's items in order of
+    placement; bin b holds items[sum(sizes[:b]):sum(sizes[:b + 1])]. No per-item Python
+    objects outlive the call, so planning a million rows leaves only arrays behind."""
     lengths = np.asarray(lengths, dtype=np.int64)
     if np.any(lengths > seq_len):
         bad = int(np.argmax(lengths > seq_len))
         raise ValueError(f"item {bad} has length {int(lengths[bad])} > seq_len={seq_len}")
     order = np.argsort(-lengths, kind="stable")
-    room = np.empty((len(lengths),), np.int64)
-    bins: list[list[int]] = []
-    for item in order:
-        length = lengths[item]
-        target = int(np.argmax(room[:len(bins)] >= length)) if bins else 0
-        if not bins or room[target] < length:
-            target = len(bins)
-            bins.append([])
-            room[target] = seq_len
-        bins[target].append(int(item))
+    bin_of = np.empty(len(order), np.int64)
+    room: list[int] = []
+    for position, length in enumerate(lengths[order].tolist()):
+        for target, space in enumerate(room):
+            if space >= length:
+                break
+        else:
+            target = len(room)
+            room.append(seq_len)
         room[target] -= length
-    return bins
+        bin_of[position] = target
+    grouping = np.argsort(bin_of, kind="stable")
+    return order[grouping], np.bincount(bin_of, minlength=len(room)).astype(np.int64)
+
+
+def split_bins(items: np.ndarray, sizes: np.ndarray) -> list[list[int]]:
+    return [chunk.tolist() for chunk in np.split(items, np.cumsum(sizes)[:-1])] if len(sizes) else []
+
+
+def first_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """ffd_bins as lists: bins (lists of indices into `lengths`) in order of opening."""
+    return split_bins(*ffd_bins(lengths, seq_len))
+
+
+def plan_packing_arrays(lengths: Sequence[int], seq_len: int,
+                        window: int) -> tuple[np.ndarray, np.ndarray]:
+    """First-fit-decreasing inside consecutive windows of `window` items, as (items, sizes)
+    (see ffd_bins). The window bounds how far packing reorders the (already shuffled)
+    stream, and keeps the cost linear in the number of rows."""
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    items, sizes = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for start in range(0, len(lengths), window):
+        chunk_items, chunk_sizes = ffd_bins(lengths[start:start + window], seq_len)
+        items.append(chunk_items + start)
+        sizes.append(chunk_sizes)
+    return np.concatenate(items), np.concatenate(sizes)
 
 
 def plan_packing(lengths: Sequence[int], seq_len: int, window: int) -> list[list[int]]:
-    """First-fit-decreasing inside consecutive windows of `window` items.
-
-    The window bounds how far packing reorders the (already shuffled) stream, and keeps
-    the cost linear in the number of rows. Returns bins of indices into `lengths`.
-    """
-    if window < 1:
-        raise ValueError(f"window={window} must be >= 1")
-    bins: list[list[int]] = []
-    for start in range(0, len(lengths), window):
-        chunk = lengths[start:start + window]
-        bins.extend([start + i for i in b] for b in first_fit_decreasing(chunk, seq_len))
-    return bins
+    """plan_packing_arrays as lists: bins of indices into `lengths`."""
+    return split_bins(*plan_packing_arrays(lengths, seq_len, window))
 
 
 def pack_rows(rows: Sequence[Mapping], seq_len: int, pad_id: int,

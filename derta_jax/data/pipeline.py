@@ -51,7 +51,7 @@ import numpy as np
 from grain.experimental import index_shuffle
 
 from derta_jax.data.packing import (check_row, empty_sequence, pack_sequence,
-                                    plan_packing)
+                                    plan_packing_arrays)
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +245,20 @@ def mixed_epoch_orders(mixing: Mixing, num_epochs: int, seed: int,
 
 
 def epoch_sequences(order: np.ndarray, lengths: np.ndarray, config: LoaderConfig,
-                    epoch: int) -> list[list[int]]:
-    """One epoch's rows (in reading order) grouped into sequences of row ids."""
+                    epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """One epoch's rows (in reading order) grouped into sequences, as (row ids, rows per
+    sequence): sequence s is row_ids[sum(sizes[:s]):sum(sizes[:s + 1])]."""
     if not config.packing:
-        return [[int(i)] for i in order]
-    bins = [[int(order[i]) for i in b] for b in
-            plan_packing(lengths[order], config.seq_len, config.pack_window)]
+        return np.asarray(order, np.int64), np.ones(len(order), np.int64)
+    items, sizes = plan_packing_arrays(lengths[order], config.seq_len, config.pack_window)
+    rows = np.asarray(order, np.int64)[items]
     if config.shuffle:  # FFD puts long rows first in each window: mix the bins
-        mix = np.random.default_rng([config.seed, epoch]).permutation(len(bins))
-        bins = [bins[i] for i in mix]
-    return bins
+        mix = np.random.default_rng([config.seed, epoch]).permutation(len(sizes))
+        starts = np.cumsum(sizes) - sizes
+        new_sizes = sizes[mix]
+        offsets = np.repeat(starts[mix] - (np.cumsum(new_sizes) - new_sizes), new_sizes)
+        rows, sizes = rows[np.arange(len(rows)) + offsets], new_sizes
+    return rows, sizes
 
 
 def build_plan(lengths: Sequence[int], config: LoaderConfig,
@@ -274,29 +278,31 @@ def build_plan(lengths: Sequence[int], config: LoaderConfig,
                          f"{int(lengths[too_long[0]])} tokens, more than "
                          f"seq_len={config.seq_len}")
     G = config.global_batch_size
-    sequences: list[list[int]] = []
+    row_parts, size_parts = [], []
     first_step, dropped = [0], 0
     orders = (epoch_orders(len(lengths), config.num_epochs, config.seed, config.shuffle)
               if mixing is None else
               mixed_epoch_orders(mixing, config.num_epochs, config.seed, config.shuffle))
     for epoch, order in enumerate(orders):
-        bins = epoch_sequences(order, lengths, config, epoch)
-        extra = len(bins) % G
+        rows, sizes = epoch_sequences(order, lengths, config, epoch)
+        extra = len(sizes) % G
         if extra and config.drop_remainder:
-            if len(bins) < G:
-                raise ValueError(f"data.global_batch_size={G}: an epoch has only {len(bins)} "
+            if len(sizes) < G:
+                raise ValueError(f"data.global_batch_size={G}: an epoch has only {len(sizes)} "
                                  f"sequences, and data.drop_remainder=True leaves no step")
-            lost = sum(len(b) for b in bins[len(bins) - extra:])
-            bins = bins[:len(bins) - extra]
+            lost = int(sizes[len(sizes) - extra:].sum())
+            sizes = sizes[:len(sizes) - extra]
+            rows = rows[:len(rows) - lost]
             dropped += lost
             log.warning("epoch %d: drop_remainder leaves out the last %d sequences "
                         "(%d rows)", epoch, extra, lost)
-        elif extra:
-            bins += [[] for _ in range(G - extra)]  # all-padding fillers: no loss, no NaN
-        sequences.extend(bins)
-        first_step.append(first_step[-1] + len(bins) // G)
-    seq_offsets = np.cumsum([0] + [len(b) for b in sequences], dtype=np.int64)
-    row_ids = np.fromiter((r for b in sequences for r in b), np.int64, int(seq_offsets[-1]))
+        elif extra:  # all-padding filler sequences: no loss, no NaN
+            sizes = np.concatenate([sizes, np.zeros(G - extra, np.int64)])
+        row_parts.append(rows)
+        size_parts.append(sizes)
+        first_step.append(first_step[-1] + len(sizes) // G)
+    row_ids = np.concatenate(row_parts)
+    seq_offsets = np.concatenate([[0], np.cumsum(np.concatenate(size_parts))]).astype(np.int64)
     return DataPlan(row_ids=row_ids, seq_offsets=seq_offsets,
                     epoch_first_step=tuple(first_step), global_batch_size=G,
                     num_tokens=int(lengths[row_ids].sum()), num_dropped_rows=dropped)

@@ -13,9 +13,9 @@ Train from it with `--config.data.sources=tfds:derta_mixture/derta:train
 
 What is stored: one record per training row BEFORE any template (question, response,
 prefill, prompt, rto, kind, source; tfds_format.py), so one build serves every model; the
-run tokenises it once into its token cache. The rows keep their order (TFDS's key shuffle
-is off): the loader shuffles, seeded, so a TFDS run and a run from the equivalent JSONL see
-the same batches. The data set's metadata holds the provenance: each input's path and
+run tokenises it once into its token cache. The records keep the rows' order (TFDS's
+disableShuffling): the loader shuffles, seeded, so a TFDS run and a run from the equivalent
+JSONL see the same batches. The data set's metadata holds the provenance: each input's path and
 sha256, the recipe, seed, counts and notes of the mixture, rows skipped.
 
 A recipe builds the rows with the same code as `python -m derta_jax.data.mixture`
@@ -31,9 +31,10 @@ input, an existing version without --overwrite, a name TFDS cannot take); 1 for 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import itertools
 import re
 import sys
+import uuid
 from typing import Callable, Iterable, Iterator, Sequence
 
 from derta_jax.data import formats, mixture, tfds_format
@@ -53,71 +54,94 @@ class BuildResult:
     provenance: dict
 
 
-@functools.lru_cache(maxsize=None)
-def _builder_base():
-    """The GeneratorBasedBuilder every data set here is a subclass of (tfds imported late)."""
-    import tensorflow_datasets as tfds
+def dataset_dir(data_dir: str, name: str, config: str | None, version: str):
+    """Where TFDS keeps data set name[/config]:version: DATA_DIR/NAME[/CONFIG]/VERSION."""
+    from derta_jax import paths
 
-    class RowsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """Records = TextRows, from `self.make_rows()` (set before download_and_prepare)."""
-        make_rows: Callable[[], Iterable[TextRow]]
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self, description="derta_jax training rows (before any template)",
-                features=tfds_format.features(), disable_shuffling=True,
-                metadata=tfds.core.MetadataDict(provenance={}))
-
-        def _split_generators(self, dl_manager):
-            del dl_manager
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            count = 0
-            for count, row in enumerate(self.make_rows(), start=1):
-                yield count - 1, tfds_format.record_of(row)
-            self.info.metadata["provenance"]["rows"] = count
-
-    return RowsBuilder
-
-
-def builder_for(name: str, version: str, config: str | None, data_dir: str):
-    """A builder of data set `name` (config `config`, if any) writing into `data_dir`."""
-    import tensorflow_datasets as tfds
-
-    configs = [tfds.core.BuilderConfig(name=config)] if config else []
-    class_name = "".join(part.title() for part in name.split("_")) or "Rows"
-    cls = type(class_name, (_builder_base(),),
-               {"name": name, "VERSION": tfds.core.Version(version),
-                "RELEASE_NOTES": {version: "written by python -m derta_jax.data.tfds_build"},
-                "BUILDER_CONFIGS": configs}, skip_registration=True)
-    return cls(data_dir=data_dir, config=config, file_format="array_record")
+    root = paths.resolve(data_dir) / name
+    return (root / config if config else root) / version
 
 
 def write_dataset(name: str, version: str, config: str | None, data_dir: str,
                   make_rows: Callable[[], Iterable[TextRow]], provenance: dict,
-                  overwrite: bool = False) -> BuildResult:
+                  overwrite: bool = False, shard_rows: int = 100_000) -> BuildResult:
     """Writes the rows `make_rows()` yields as TFDS data set name[/config]:version, split
-    `train`. An existing version is kept unless `overwrite` (FileExistsError)."""
+    `train`, streamed: ArrayRecord shards of `shard_rows` records (TFDS's ArrayRecord file
+    adapter and its example serialisation), then TFDS's metadata (dataset_info.json with
+    the split's shard lengths, features.json, metadata.json with `provenance`).
+
+    Why not a GeneratorBasedBuilder: its writer buffers the split in memory and, past 1 GB,
+    spills to temporary files through TensorFlow's gfile, so without TensorFlow it fails
+    on a million-row split. This path holds one record at a time. Everything is written to
+    a temporary directory beside the version and renamed into place when complete; an
+    existing version is kept unless `overwrite` (FileExistsError)."""
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import dataset_info, file_adapters, naming
 
-    from derta_jax import paths
-
-    tfds.disable_progress_bar()
-    builder = builder_for(name, version, config, data_dir)
-    target = paths.resolve(builder.data_dir)
-    if builder.is_prepared() and not overwrite:
+    target = dataset_dir(data_dir, name, config, version)
+    if (target / "dataset_info.json").exists() and not overwrite:
         raise FileExistsError(f"{target} exists; pass --overwrite to rebuild it, or give "
                               f"a new --version")
-    builder.make_rows = make_rows
-    builder.info.metadata["provenance"] = provenance  # make_rows may add to it (skipped rows)
-    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if builder.is_prepared()
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        download_mode=mode))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".incomplete-{version}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        features = tfds_format.features()
+        shards, num_bytes = _write_shards(staging, name, features, make_rows(), shard_rows,
+                                          file_adapters.ArrayRecordFileAdapter)
+        if not shards:
+            raise ValueError(f"{name}: no rows to write")
+        template = naming.ShardedFileTemplate(data_dir=staging, dataset_name=name,
+                                              split="train", filetype_suffix="array_record")
+        for index in range(len(shards)):
+            (staging / f"part-{index:05d}").rename(
+                template.sharded_filepath(shard_index=index, num_shards=len(shards)))
+        provenance["rows"] = sum(shards)
+        identity = dataset_info.DatasetIdentity(
+            name=name, version=tfds.core.Version(version), data_dir=str(staging),
+            module_name="", config_name=config,
+            release_notes={version: "written by python -m derta_jax.data.tfds_build"})
+        info = dataset_info.DatasetInfo(
+            builder=identity, description="derta_jax training rows (before any template)",
+            features=features, disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(provenance=provenance))
+        info.set_file_format(file_adapters.FileFormat.ARRAY_RECORD)
+        info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+            name="train", shard_lengths=shards, num_bytes=num_bytes,
+            filename_template=template)]))
+        info.write_to_directory(staging)
+        if target.exists():  # --overwrite: the old version goes only once the new one is whole
+            old = target.parent / f".old-{version}-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            old.rmtree()
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            staging.rmtree()
     full = f"{name}/{config}:{version}" if config else f"{name}:{version}"
-    rows = builder.info.splits["train"].num_examples
-    return BuildResult(full, str(target), rows, builder.info.metadata["provenance"])
+    return BuildResult(full, str(target), sum(shards), provenance)
+
+
+def _write_shards(directory, name: str, features, rows: Iterable[TextRow], shard_rows: int,
+                  adapter) -> tuple[list[int], int]:
+    """Serialised records into part-00000, part-00001, ... of `shard_rows` each; returns
+    the shard lengths and the bytes written."""
+    rows = iter(rows)
+    shards, num_bytes = [], 0
+
+    def serialized(first: TextRow):
+        nonlocal num_bytes
+        for count, row in enumerate(itertools.chain([first], itertools.islice(
+                rows, shard_rows - 1)), start=1):
+            data = features.serialize_example(tfds_format.record_of(row))
+            num_bytes += len(data)
+            shards[-1] = count
+            yield None, data
+
+    for first in rows:
+        shards.append(0)
+        adapter.write_examples(directory / f"part-{len(shards) - 1:05d}", serialized(first))
+    return shards, num_bytes
 
 
 def _inputs(paths_: Sequence[str]) -> list[dict]:
@@ -229,12 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = FLAGS.name or DEFAULT_NAME
     config = FLAGS.recipe
     try:
-        builder = builder_for(name, FLAGS.version, config, data_dir)
-        if builder.is_prepared() and not FLAGS.overwrite:
-            cli_flags.fail(f"--data_dir={data_dir}: {builder.data_dir} exists; pass "
-                           f"--overwrite to rebuild it, or give a new --version")
-    except (ValueError, OSError) as e:  # an unusable data_dir (scheme, permissions)
-        cli_flags.fail(f"--data_dir={data_dir}: {e}")
+        target = dataset_dir(data_dir, name, config, FLAGS.version)
+        if (target / "dataset_info.json").exists() and not FLAGS.overwrite:
+            cli_flags.fail(f"--data_dir={data_dir}: {target} exists; pass --overwrite to "
+                           f"rebuild it, or give a new --version")
+    except (ValueError, OSError, ImportError) as e:  # a scheme, filesystem package, permissions
+        cli_flags.fail(f"--data_dir={data_dir}: {formats.cli_one_line(e)}")
     reference_fields = _fields(FLAGS, formats.ReferenceFields)
     helpful_fields = _fields(FLAGS, formats.HelpfulFields)
     skipped: list = []

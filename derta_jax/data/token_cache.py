@@ -15,11 +15,16 @@ reason) instead of silently used.
 Writes are atomic: rows stream into a temporary directory beside the final one, which is
 renamed into place only when complete. A run killed mid-write leaves a `.tmp-*` directory
 that is never read (a later build of the same key removes it once it has been idle an hour).
-String metadata per row (e.g. `kind`, `source`) is kept as int32 codes plus a vocabulary.
+String metadata per row (e.g. `kind`, `source`) is kept like the tokens: the UTF-8 bytes of
+every row's string concatenated in `meta_<name>.npy`, with `meta_<name>_offsets.npy`. Read
+lazily through the memory map, so a cache of a million rows (a million distinct `source`
+strings) adds no Python objects to the loader's memory. (Version 1 kept a vocabulary in the
+manifest: 1M strings parsed into the heap of every process that opened it.)
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import logging
@@ -37,7 +42,7 @@ from derta_jax.data.packing import ROW_KEYS, check_row
 log = logging.getLogger(__name__)
 
 FORMAT = "derta_jax.token_cache"
-VERSION = 1
+VERSION = 2
 ARRAY_DTYPES = {"input_ids": "int32", "targets": "int32", "loss_mask": "bool", "rto_mask": "bool"}
 MANIFEST = "manifest.json"
 _NO_LIMIT = 2**62
@@ -97,9 +102,13 @@ class TokenCache:
             raise CacheError(f"{self.path / 'offsets.npy'}: offsets are not increasing from "
                              f"0 to num_tokens={self.num_tokens}")
         self.lengths = np.diff(offsets)
-        self.meta_vocab: dict[str, list[str]] = manifest.get("meta", {})
-        self.meta_codes = {name: self._open(f"meta_{name}", "int32", self.num_rows)
-                           for name in self.meta_vocab}
+        names = manifest.get("meta", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise CacheError(f"{manifest_file}: field 'meta' must be a list of names")
+        self.meta = {}
+        for name in names:
+            ends = self._open(f"meta_{name}_offsets", "int64", self.num_rows + 1)
+            self.meta[name] = (self._open(f"meta_{name}", "uint8", int(ends[-1])), ends)
 
     def _open(self, name: str, dtype: str, length: int) -> np.ndarray:
         file = self.path / f"{name}.npy"
@@ -121,8 +130,8 @@ class TokenCache:
         index %= self.num_rows
         span = slice(int(self.offsets[index]), int(self.offsets[index + 1]))
         row: dict = {name: array[span] for name, array in self.arrays.items()}
-        for name, codes in self.meta_codes.items():
-            row[name] = self.meta_vocab[name][int(codes[index])]
+        for name, (data, ends) in self.meta.items():
+            row[name] = bytes(data[int(ends[index]):int(ends[index + 1])]).decode("utf-8")
         return row
 
 
@@ -175,44 +184,48 @@ def load_or_build_cache(cache_root: str | os.PathLike, key: str,
 
 def _write_into(directory: Path, key: str, rows: Iterable[Mapping]) -> None:
     raw = {name: open(directory / f"{name}.raw", "wb") for name in ARRAY_DTYPES}
-    offsets = [0]
-    meta_values: dict[str, list[str]] = {}
+    offsets = array.array("q", [0])
+    meta: dict[str, tuple] = {}  # name -> (raw bytes file, end offsets)
     try:
         for index, row in enumerate(rows):
             check_row(row, index, _NO_LIMIT)
             for name, dtype in ARRAY_DTYPES.items():
                 raw[name].write(np.ascontiguousarray(row[name], dtype=dtype).tobytes())
             offsets.append(offsets[-1] + len(row["input_ids"]))
-            _collect_meta(row, index, meta_values)
+            _write_meta(row, index, directory, meta)
     finally:
-        for handle in raw.values():
+        for handle in list(raw.values()) + [m[0] for m in meta.values()]:
             handle.close()
     num_rows, num_tokens = len(offsets) - 1, offsets[-1]
     for name, dtype in ARRAY_DTYPES.items():
         _raw_to_npy(directory / f"{name}.raw", directory / f"{name}.npy", dtype, num_tokens)
-    _save(directory / "offsets.npy", np.asarray(offsets, np.int64))
-    vocab = {}
-    for name, values in meta_values.items():
-        vocab[name] = sorted(set(values))
-        lookup = {value: code for code, value in enumerate(vocab[name])}
-        _save(directory / f"meta_{name}.npy", np.asarray([lookup[v] for v in values], np.int32))
+    _save(directory / "offsets.npy", np.frombuffer(offsets, np.int64))
+    for name, (_, ends) in meta.items():
+        _raw_to_npy(directory / f"meta_{name}.raw", directory / f"meta_{name}.npy", "uint8",
+                    ends[-1])
+        _save(directory / f"meta_{name}_offsets.npy", np.frombuffer(ends, np.int64))
     manifest = {"format": FORMAT, "version": VERSION, "key": key, "num_rows": num_rows,
-                "num_tokens": num_tokens, "dtypes": ARRAY_DTYPES, "meta": vocab}
+                "num_tokens": num_tokens, "dtypes": ARRAY_DTYPES, "meta": sorted(meta)}
     with open(directory / MANIFEST, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _collect_meta(row: Mapping, index: int, meta_values: dict[str, list[str]]) -> None:
+def _write_meta(row: Mapping, index: int, directory: Path, meta: dict) -> None:
+    """Appends the row's string fields to their files (the first row names the fields)."""
     names = sorted(k for k, v in row.items() if k not in ROW_KEYS and isinstance(v, str))
     if index == 0:
-        meta_values.update({name: [] for name in names})
-    if names != sorted(meta_values):
+        for name in names:
+            meta[name] = (open(directory / f"meta_{name}.raw", "wb"), array.array("q", [0]))
+    if names != sorted(meta):
         raise ValueError(f"row {index}: string fields {names} differ from the first row's "
-                         f"{sorted(meta_values)}")
+                         f"{sorted(meta)}")
     for name in names:
-        meta_values[name].append(row[name])
+        handle, ends = meta[name]
+        data = row[name].encode("utf-8")
+        handle.write(data)
+        ends.append(ends[-1] + len(data))
 
 
 def _raw_to_npy(raw: Path, npy: Path, dtype: str, length: int) -> None:
