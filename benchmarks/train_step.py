@@ -87,6 +87,21 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def loaded(info: dict) -> bool:
+    """True when the 1-minute load average before or after the timing exceeded the cores:
+    then other work shared the CPUs, PyTorch's threads suffer far more than XLA's, and a
+    wall ratio says more about the neighbours than about either step (a 0.83x step once
+    read 4.95x that way). The report then withholds every headline ratio."""
+    return max(info["load1_before"], info["load1_after"]) > info["cores"]
+
+
+def ratio_cell(value: float, is_loaded: bool, digits: int = 2, bold: bool = True) -> str:
+    if is_loaded:
+        return "withheld (loaded)"
+    text = f"{value:.{digits}f}x"
+    return f"**{text}**" if bold else text
+
+
 def interleaved_samples(fns: dict, repeats: int, seed: int = 0) -> tuple[dict, dict]:
     """-> (wall seconds, process CPU seconds): name -> one sample per repetition. One
     warm-up (compile) call each first, then every repetition calls every fn once, in a
@@ -175,7 +190,7 @@ def run(args) -> dict:
     info = machine()
     torch.set_num_threads(info["cores"])
     info["torch_threads"] = torch.get_num_threads()
-    info["load_before"] = load_average()
+    info["load_before"], info["load1_before"] = load_average(), os.getloadavg()[0]
     shape = setup.BenchShape(**{f: getattr(args, f) for f in vars(setup.BenchShape())})
     optim = setup.optimizer_config()
     hf_model, model, model_cfg = setup.build_models(shape)
@@ -206,7 +221,7 @@ def run(args) -> dict:
     medians = {name: statistics.median(t) for name, t in samples.items()}
     fastest = {name: min(t) for name, t in samples.items()}
     cpu = {name: statistics.median(t) for name, t in cpu_samples.items()}
-    info["load_after"] = load_average()
+    info["load_after"], info["load1_after"] = load_average(), os.getloadavg()[0]
     info["seconds"] = time.perf_counter() - start
 
     tokens = shape.batch * shape.seq
@@ -257,6 +272,8 @@ def report(results: dict, command: str) -> str:
     cpu = {k: v * 1e3 for k, v in results["cpu"].items()}
     costs = results["xla_costs"]
     analytic = results["flops_per_token"] * results["tokens_per_step"]
+    hold = loaded(i)
+    r = lambda value, digits=2, bold=True: ratio_cell(value, hold, digits, bold)  # noqa: E731
     lines = [
         f"command: `{command}`",
         f"machine: {i['cpu']}, {i['cores']} cores, jax {i['jax']} ({i['backend']}, "
@@ -264,6 +281,9 @@ def report(results: dict, command: str) -> str:
         f"({i['torch_threads']} threads), transformers {i['transformers']}",
         f"load average (1/5/15 min): before {i['load_before']}, after {i['load_after']}; "
         f"{results['repeats']} interleaved repetitions in {i['seconds']:.0f} s",
+        *([f"LOADED: the 1-minute load average ({max(i['load1_before'], i['load1_after']):.2f}) "
+           f"exceeded the {i['cores']} cores, so the ratios are withheld; the times below are "
+           f"not results. Rerun on a quiet machine."] if hold else []),
         f"config: Mistral, vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads "
         f"({s.kv_heads} kv), intermediate {s.intermediate}; batch {s.batch} x {s.seq} tokens, "
         f"float32. Wall ms = median (fastest) per step, ratio of medians (of fastest); "
@@ -273,8 +293,8 @@ def report(results: dict, command: str) -> str:
         "|---|---|---|---|---|---|",
         f"| derta_jax (DeRTa loss, keep 0.05, AdamW, jit) | {ms['jax_derta']:.0f} "
         f"({best['jax_derta']:.0f}) | {results['jax_tokens_per_s']:,.0f} "
-        f"| **{results['speedup']:.2f}x** ({results['speedup_fastest']:.2f}x) "
-        f"| {cpu['jax_derta']:.0f} | {results['speedup_cpu']:.2f}x |",
+        f"| {r(results['speedup'])} ({r(results['speedup_fastest'], bold=False)}) "
+        f"| {cpu['jax_derta']:.0f} | {r(results['speedup_cpu'], bold=False)} |",
         f"| HF MistralForCausalLM + torch AdamW (eager, CE) | {ms['torch']:.0f} "
         f"({best['torch']:.0f}) | {results['torch_tokens_per_s']:,.0f} | 1.00x "
         f"| {cpu['torch']:.0f} | 1.00x |",
@@ -284,7 +304,9 @@ def report(results: dict, command: str) -> str:
         "|---|---|---|---|",
         f"| {results['achieved_flops'] / 1e9:.1f} GFLOP/s ({results['flops_per_token'] / 1e6:.1f} "
         f"MFLOP/token) | {results['peak_flops'] / 1e9:.1f} GFLOP/s ({results['matmul']}) "
-        f"| **{results['mfu']:.0%}** ({results['mfu_fastest']:.0%}) | {results['mfu_cpu']:.0%} |",
+        f"| {'withheld (loaded)' if hold else format(results['mfu'], '.0%')} "
+        f"({'-' if hold else format(results['mfu_fastest'], '.0%')}) "
+        f"| {'-' if hold else format(results['mfu_cpu'], '.0%')} |",
         "",
         f"FLOPs per step: analytic (derta_jax.train.flops) {analytic / 1e9:.2f} G, counted by "
         f"XLA's cost_analysis() {costs['jax_derta']['flops'] / 1e9:.2f} G "
@@ -295,8 +317,8 @@ def report(results: dict, command: str) -> str:
         f"| plain SFT (no RTO, keep 1.0) | {ms['jax_sft']:.0f} ({best['jax_sft']:.0f}) | 1.00x "
         f"| {cpu['jax_sft']:.0f} | 1.000x |",
         f"| DeRTa (half rows RTO, keep 0.05) | {ms['jax_derta']:.0f} ({best['jax_derta']:.0f}) "
-        f"| **{results['derta_over_sft']:.3f}x** ({results['derta_over_sft_fastest']:.3f}x) "
-        f"| {cpu['jax_derta']:.0f} | {results['derta_over_sft_cpu']:.3f}x |",
+        f"| {r(results['derta_over_sft'], 3)} ({r(results['derta_over_sft_fastest'], 3, False)}) "
+        f"| {cpu['jax_derta']:.0f} | {r(results['derta_over_sft_cpu'], 3, False)} |",
         "",
         f"Load-independent, from XLA's cost_analysis() of the two compiled steps: DeRTa / SFT "
         f"FLOPs {costs['jax_derta']['flops'] / costs['jax_sft']['flops']:.5f}x, bytes accessed "
@@ -310,8 +332,8 @@ def report(results: dict, command: str) -> str:
         label = f"{name} ({row['rows']} rows, mean {row['mean_length']:.0f} tokens)"
         for mode in ("padding", "packing"):
             r = row[mode]
-            ratio = "1.00x" if mode == "padding" else f"**{row['ratio']:.2f}x**"
-            ratio_cpu = "1.00x" if mode == "padding" else f"{row['ratio_cpu']:.2f}x"
+            ratio = "1.00x" if mode == "padding" else r(row["ratio"])
+            ratio_cpu = "1.00x" if mode == "padding" else r(row["ratio_cpu"], bold=False)
             lines.append(f"| {label} | {mode} | {r['steps']} | {r['non_pad']:.3f} "
                          f"| {r['useful_tokens_per_s']:,.0f} | {ratio} "
                          f"| {r['useful_tokens_per_cpu_s']:,.0f} | {ratio_cpu} |")

@@ -66,7 +66,6 @@ SLOW_FILES_FIRST = (
     "test_plan.py",                # ~70 s
     "test_evaluate.py",            # ~65 s
     "test_decode_sharded.py",      # ~60 s
-    "test_train_tfds.py",          # ~57 s: a JSONL run and a killed, resumed TFDS run
     "test_durability.py",          # ~30 s: a LoRA attack and three evaluations
 )
 

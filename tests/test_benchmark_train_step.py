@@ -8,6 +8,8 @@ hold the same rows. No timing is asserted anywhere.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -113,8 +115,10 @@ def test_pytorch_side_refuses_packed_batches():
         setup.to_torch(packed[0])
 
 
-def test_command_line_prints_every_figure(capsys):
+def test_command_line_prints_every_figure(capsys, monkeypatch):
     from benchmarks import train_step
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.5, 0.5))  # a quiet machine
 
     argv = ["--vocab", "512", "--hidden", "32", "--layers", "1", "--heads", "4",
             "--kv_heads", "2", "--intermediate", "48", "--batch", "4", "--seq", "64",
@@ -136,6 +140,16 @@ def test_command_line_prints_every_figure(capsys):
                   for m in ("padding", "packing")]
         assert useful[0] == useful[1] == round(row["mean_length"] * row["rows"]), name
         assert row["packing"]["steps"] <= row["padding"]["steps"]
+    assert "LOADED" not in out and "withheld" not in out
+    assert f"| **{results['speedup']:.2f}x** (" in out
+    # the same figures measured at a load above the core count: no headline ratio at all
+    cores = results["info"]["cores"]
+    busy = dict(results, info={**results["info"], "load1_after": cores + 0.5})
+    text = train_step.report(busy, "python -m benchmarks.train_step")
+    assert "LOADED: the 1-minute load average" in text and "withheld (loaded)" in text
+    assert "**" not in text and "| withheld (loaded) (-) | - |" in text  # MFU too
+
+
 
 
 def test_interleaved_samples_warm_up_once_then_shuffle_each_repetition():

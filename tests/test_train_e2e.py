@@ -4,7 +4,9 @@ What they pin down: the same losses on 1 and 8 devices and on 2 processes x 4 de
 a run killed with SIGKILL (or stopped with SIGTERM) and restarted with the same command
 ends with parameters bit-identical to an uninterrupted run; SIGTERM to one of two
 processes stops both at the same step; a checkpoint saved on 8 devices resumes on 1; a
-non-finite loss stops the run and keeps the last good checkpoint.
+non-finite loss stops the run and keeps the last good checkpoint; a run from a TFDS data
+set built from the synthetic world's files (data.sources=tfds:derta_mixture/derta:train),
+killed and resumed, ends bit-identical to the synthetic run.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures_tfds import world  # noqa: F401  (a fixture)
 from tests.xla_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +172,26 @@ def test_sigkill_at_several_points_resumes_bit_identical(baseline, tmp_path):
     for name in ref:
         np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
     assert losses(tmp_path) == losses(baseline)
+
+
+def test_tfds_source_killed_and_resumed_matches_the_synthetic_run(baseline, world, tmp_path):
+    # the world's triples/helpful files are the rows the synthetic run mixes in memory, the
+    # fixture's tokenizer the one it trains: the TFDS run must give the same batches, so the
+    # same losses and parameters, also across a SIGKILL (tests/test_data_sources.py checks
+    # the batches against the same files named as data.triples/helpful)
+    flags = ["--config.data.synthetic=False", f"--config.data.tokenizer={world['tokenizer']}",
+             "--config.data.sources=tfds:derta_mixture/derta:train",
+             f"--config.data.tfds_data_dir={world['data_dir']}"]
+    proc = start(tmp_path, *flags)
+    wait_for(lambda: (tmp_path / "checkpoints" / "2").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert_ok(train(tmp_path, *flags))
+    assert losses(tmp_path) == losses(baseline)
+    ref, got = final_params(baseline), final_params(tmp_path)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
 
 
 def test_sigterm_saves_then_resume_is_bit_identical(baseline, tmp_path):
