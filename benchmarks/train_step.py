@@ -273,7 +273,7 @@ def report(results: dict, command: str) -> str:
     costs = results["xla_costs"]
     analytic = results["flops_per_token"] * results["tokens_per_step"]
     hold = loaded(i)
-    r = lambda value, digits=2, bold=True: ratio_cell(value, hold, digits, bold)  # noqa: E731
+    rc = lambda value, digits=2, bold=True: ratio_cell(value, hold, digits, bold)  # noqa: E731
     lines = [
         f"command: `{command}`",
         f"machine: {i['cpu']}, {i['cores']} cores, jax {i['jax']} ({i['backend']}, "
@@ -293,8 +293,8 @@ def report(results: dict, command: str) -> str:
         "|---|---|---|---|---|---|",
         f"| derta_jax (DeRTa loss, keep 0.05, AdamW, jit) | {ms['jax_derta']:.0f} "
         f"({best['jax_derta']:.0f}) | {results['jax_tokens_per_s']:,.0f} "
-        f"| {r(results['speedup'])} ({r(results['speedup_fastest'], bold=False)}) "
-        f"| {cpu['jax_derta']:.0f} | {r(results['speedup_cpu'], bold=False)} |",
+        f"| {rc(results['speedup'])} ({rc(results['speedup_fastest'], bold=False)}) "
+        f"| {cpu['jax_derta']:.0f} | {rc(results['speedup_cpu'], bold=False)} |",
         f"| HF MistralForCausalLM + torch AdamW (eager, CE) | {ms['torch']:.0f} "
         f"({best['torch']:.0f}) | {results['torch_tokens_per_s']:,.0f} | 1.00x "
         f"| {cpu['torch']:.0f} | 1.00x |",
@@ -317,8 +317,8 @@ def report(results: dict, command: str) -> str:
         f"| plain SFT (no RTO, keep 1.0) | {ms['jax_sft']:.0f} ({best['jax_sft']:.0f}) | 1.00x "
         f"| {cpu['jax_sft']:.0f} | 1.000x |",
         f"| DeRTa (half rows RTO, keep 0.05) | {ms['jax_derta']:.0f} ({best['jax_derta']:.0f}) "
-        f"| {r(results['derta_over_sft'], 3)} ({r(results['derta_over_sft_fastest'], 3, False)}) "
-        f"| {cpu['jax_derta']:.0f} | {r(results['derta_over_sft_cpu'], 3, False)} |",
+        f"| {rc(results['derta_over_sft'], 3)} ({rc(results['derta_over_sft_fastest'], 3, False)}) "
+        f"| {cpu['jax_derta']:.0f} | {rc(results['derta_over_sft_cpu'], 3, False)} |",
         "",
         f"Load-independent, from XLA's cost_analysis() of the two compiled steps: DeRTa / SFT "
         f"FLOPs {costs['jax_derta']['flops'] / costs['jax_sft']['flops']:.5f}x, bytes accessed "
@@ -332,8 +332,8 @@ def report(results: dict, command: str) -> str:
         label = f"{name} ({row['rows']} rows, mean {row['mean_length']:.0f} tokens)"
         for mode in ("padding", "packing"):
             r = row[mode]
-            ratio = "1.00x" if mode == "padding" else r(row["ratio"])
-            ratio_cpu = "1.00x" if mode == "padding" else r(row["ratio_cpu"], bold=False)
+            ratio = "1.00x" if mode == "padding" else rc(row["ratio"])
+            ratio_cpu = "1.00x" if mode == "padding" else rc(row["ratio_cpu"], bold=False)
             lines.append(f"| {label} | {mode} | {r['steps']} | {r['non_pad']:.3f} "
                          f"| {r['useful_tokens_per_s']:,.0f} | {ratio} "
                          f"| {r['useful_tokens_per_cpu_s']:,.0f} | {ratio_cpu} |")
