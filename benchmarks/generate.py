@@ -79,12 +79,14 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.train_step import interleaved_samples, load_average, machine
+    from benchmarks.timing import (cores, interleaved_samples, load1, load_average,
+                                   loaded as is_loaded, loaded_line, ratio_cell)
+    from benchmarks.train_step import machine
     from derta_jax import weights
     from derta_jax.eval.run import PROMPT_WIDTH_MULTIPLE
     from derta_jax.models.decode import generate
 
-    load_before = load_average()
+    load_before, load1_before = load_average(), load1()
     with tempfile.TemporaryDirectory() as workdir:
         path = model_dir(args.model, workdir)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -126,23 +128,25 @@ def main(argv=None) -> dict:
                                  "tokens_per_s": batch * n / statistics.median(wall[name])}
                           for name in wall}
     load_after = load_average()
-    loaded = max(float(load_before.split()[0]), float(load_after.split()[0])) > os.cpu_count()
+    load_info = {"cores": cores(), "load1_before": load1_before, "load1_after": load1()}
+    loaded = is_loaded(load_info)
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']}, torch "
           f"{info['torch']} ({torch.get_num_threads()} threads), transformers {info['transformers']}")
     print(f"model {args.model}; {n} new tokens per row; prompts {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens; median of {args.repeats} interleaved repetitions")
-    print(f"load average before: {load_before}; after: {load_after}"
-          + ("  -> LOADED: ratios below are not results" if loaded else ""))
+    print(f"load average before: {load_before}; after: {load_after}")
+    for line in loaded_line(load_info):
+        print(line)
     print("| batch | side | tokens/s | wall s | CPU s | vs HF (wall) | vs HF (CPU) |")
     print("|---|---|---|---|---|---|---|")
     for batch, sides in results.items():
         for name, r in sides.items():
             ratio = sides["hf"]["wall_s"] / r["wall_s"]
             cpu_ratio = sides["hf"]["cpu_s"] / r["cpu_s"]
-            mark = " (LOADED)" if loaded else ""
             print(f"| {batch} | {name} | {r['tokens_per_s']:,.0f} | {r['wall_s']:.2f} | "
-                  f"{r['cpu_s']:.2f} | {ratio:.2f}x{mark} | {cpu_ratio:.2f}x{mark} |")
+                  f"{r['cpu_s']:.2f} | {ratio_cell(ratio, loaded, bold=False)} | "
+                  f"{ratio_cell(cpu_ratio, loaded, bold=False)} |")
     if args.per_token:
         for batch, sides in results.items():
             per_token = (sides["derta_jax per-token"]["wall_s"] - sides["derta_jax"]["wall_s"]) / n

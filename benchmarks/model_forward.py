@@ -6,14 +6,16 @@ its state dict streamed into derta_jax through the HF name table, and both compu
 logits for the same padded batch (their outputs are checked to agree first, so the
 two sides do the same work).
 
-    python benchmarks/model_forward.py [--layers 4 --hidden 256 --batch 8 --seq 256 --repeats 5]
+    python -m benchmarks.model_forward [--layers 4 --hidden 256 --batch 8 --seq 256 --repeats 5]
+
+Timed as every comparison here is (benchmarks/timing.py): interleaved, wall and CPU
+medians, no headline ratio when the machine was loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 from flax import nnx
 
+from benchmarks.timing import (cores, interleaved_samples, load1, load_average, loaded,
+                               loaded_line, ratio_cell)
 from derta_jax.hf.mapping import load_hf_tensors
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.transformer import Transformer
@@ -45,19 +49,6 @@ def build(args):
     tensors = ((name, t.detach().numpy(), "state_dict") for name, t in hf_model.state_dict().items())
     graphdef, _ = nnx.split(abstract)
     return hf_model, nnx.merge(graphdef, load_hf_tensors(abstract, tensors, config))
-
-
-def timed_side_by_side(fns, repeats):
-    """Median seconds per call of each fn; calls alternate so load changes hit both."""
-    for fn in fns:
-        fn()  # warm-up (and compile)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, record in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            record.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -92,14 +83,26 @@ def main():
 
     diff = np.abs(np.asarray(run_jax()) - run_torch().numpy())[mask].max()
     tokens = args.batch * args.seq
-    jax_s, torch_s = timed_side_by_side([run_jax, run_torch], args.repeats)
+    info = {"cores": cores(), "load_before": load_average(), "load1_before": load1()}
+    wall, cpu = interleaved_samples({"jax": run_jax, "torch": run_torch}, args.repeats)
+    info.update(load_after=load_average(), load1_after=load1())
+    wall = {k: statistics.median(v) for k, v in wall.items()}
+    cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    hold = loaded(info)
     print(f"config: {args.layers} layers, hidden {args.hidden}, {args.heads} heads "
           f"({args.heads // 2} kv), vocab {args.vocab}; batch {args.batch} x {args.seq} tokens; "
           f"jax {jax.__version__} ({jax.devices()[0].platform}, scan={args.scan}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"load average (1/5/15 min): before {info['load_before']}, after {info['load_after']}; "
+          f"{args.repeats} interleaved repetitions, medians")
+    for line in loaded_line(info):
+        print(line)
     print(f"max |logits diff| = {diff:.2e}")
-    print(f"derta_jax (jit, float32):   {tokens / jax_s:10.0f} tokens/s  ({jax_s * 1e3:.1f} ms/batch)")
-    print(f"HF PyTorch (eager, float32): {tokens / torch_s:10.0f} tokens/s  ({torch_s * 1e3:.1f} ms/batch)")
+    for name, label in (("jax", "derta_jax (jit, float32)  "), ("torch", "HF PyTorch (eager, float32)")):
+        print(f"{label}: {tokens / wall[name]:10.0f} tokens/s  ({wall[name] * 1e3:.1f} ms/batch "
+              f"wall, {cpu[name] * 1e3:.1f} ms CPU)")
+    print(f"derta_jax / PyTorch: {ratio_cell(wall['torch'] / wall['jax'], hold)} wall, "
+          f"{ratio_cell(cpu['torch'] / cpu['jax'], hold, bold=False)} CPU")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,11 @@
 """Training-step benchmarks for BENCHMARKS.md (issue 5): derta_jax against HF PyTorch, MFU,
 the DeRTa loss's overhead over plain SFT, and packing against padding.
 
-Why ratios in one run: the development VM is shared and its load moves by 2x within
-minutes, so every figure here is a RATIO of things timed side by side, interleaved
-repetition by repetition in a fresh random order each time (so neither side always runs
-right after the other), median of each; the ratio of the fastest samples is printed too
-(under contention the minimum is the least disturbed sample), and the process CPU time
-of each call (all threads; it moves far less with load than wall time, though OpenMP and
-Eigen threads that spin while waiting add to it). Absolute numbers are printed with the
-load average before and after.
+How it is timed (benchmarks/timing.py): every figure is a RATIO of things timed side by
+side in one process, interleaved repetition by repetition in a fresh random order, median
+of each, with the process CPU time of each call (all threads) beside the wall time and the
+load average before and after. A run whose 1-minute load exceeded the cores is marked
+LOADED and prints no headline ratio. The ratio of the fastest samples is printed too.
 
   1. full training step (forward + loss + backward + AdamW) tokens/s, derta_jax (the
      trainer's make_train_step, DeRTa loss at rto_keep_rate 0.05) against HF
@@ -32,7 +29,6 @@ import argparse
 import itertools
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -43,6 +39,8 @@ import numpy as np
 
 from benchmarks.packing_efficiency import synthetic_lengths
 from benchmarks import train_step_setup as setup
+from benchmarks.timing import (interleaved_samples, load1, load_average, loaded,  # noqa: F401
+                               loaded_line, ratio_cell)
 from derta_jax import loss as derta
 from derta_jax.train.flops import training_flops_per_token
 
@@ -81,46 +79,6 @@ def machine() -> dict:
     return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "jax": jax.__version__,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "backend": jax.default_backend(), "devices": jax.device_count()}
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def loaded(info: dict) -> bool:
-    """True when the 1-minute load average before or after the timing exceeded the cores:
-    then other work shared the CPUs, PyTorch's threads suffer far more than XLA's, and a
-    wall ratio says more about the neighbours than about either step (a 0.83x step once
-    read 4.95x that way). The report then withholds every headline ratio."""
-    return max(info["load1_before"], info["load1_after"]) > info["cores"]
-
-
-def ratio_cell(value: float, is_loaded: bool, digits: int = 2, bold: bool = True) -> str:
-    if is_loaded:
-        return "withheld (loaded)"
-    text = f"{value:.{digits}f}x"
-    return f"**{text}**" if bold else text
-
-
-def interleaved_samples(fns: dict, repeats: int, seed: int = 0) -> tuple[dict, dict]:
-    """-> (wall seconds, process CPU seconds): name -> one sample per repetition. One
-    warm-up (compile) call each first, then every repetition calls every fn once, in a
-    shuffled order. Like benchmarks.model_forward.timed_side_by_side, but keeping every
-    sample, not favouring a fixed order, and also recording CPU time: on a loaded machine
-    the CPU seconds a step consumes move far less than its wall time."""
-    for fn in fns.values():
-        fn()
-    order = list(fns)
-    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
-    shuffle = random.Random(seed).shuffle
-    for _ in range(repeats):
-        shuffle(order)
-        for name in order:
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fns[name]()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    return wall, cpu
 
 
 # --- timed callables ----------------------------------------------------------------------
@@ -190,7 +148,7 @@ def run(args) -> dict:
     info = machine()
     torch.set_num_threads(info["cores"])
     info["torch_threads"] = torch.get_num_threads()
-    info["load_before"], info["load1_before"] = load_average(), os.getloadavg()[0]
+    info["load_before"], info["load1_before"] = load_average(), load1()
     shape = setup.BenchShape(**{f: getattr(args, f) for f in vars(setup.BenchShape())})
     optim = setup.optimizer_config()
     hf_model, model, model_cfg = setup.build_models(shape)
@@ -221,7 +179,7 @@ def run(args) -> dict:
     medians = {name: statistics.median(t) for name, t in samples.items()}
     fastest = {name: min(t) for name, t in samples.items()}
     cpu = {name: statistics.median(t) for name, t in cpu_samples.items()}
-    info["load_after"], info["load1_after"] = load_average(), os.getloadavg()[0]
+    info["load_after"], info["load1_after"] = load_average(), load1()
     info["seconds"] = time.perf_counter() - start
 
     tokens = shape.batch * shape.seq
@@ -281,9 +239,7 @@ def report(results: dict, command: str) -> str:
         f"({i['torch_threads']} threads), transformers {i['transformers']}",
         f"load average (1/5/15 min): before {i['load_before']}, after {i['load_after']}; "
         f"{results['repeats']} interleaved repetitions in {i['seconds']:.0f} s",
-        *([f"LOADED: the 1-minute load average ({max(i['load1_before'], i['load1_after']):.2f}) "
-           f"exceeded the {i['cores']} cores, so the ratios are withheld; the times below are "
-           f"not results. Rerun on a quiet machine."] if hold else []),
+        *loaded_line(i),
         f"config: Mistral, vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads "
         f"({s.kv_heads} kv), intermediate {s.intermediate}; batch {s.batch} x {s.seq} tokens, "
         f"float32. Wall ms = median (fastest) per step, ratio of medians (of fastest); "

@@ -153,7 +153,7 @@ def test_command_line_prints_every_figure(capsys, monkeypatch):
 
 
 def test_interleaved_samples_warm_up_once_then_shuffle_each_repetition():
-    from benchmarks.train_step import interleaved_samples
+    from benchmarks.timing import interleaved_samples
 
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
