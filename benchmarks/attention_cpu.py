@@ -1,0 +1,94 @@
+"""One attention layer on CPU: derta_jax's path against PyTorch's scaled_dot_product_attention.
+
+Why: the model forward is 0.93x PyTorch at seq 64 but 0.64x at seq 1024 (BENCHMARKS.md), so
+the gap grows with T^2: attention. This times the attention alone, same inputs, interleaved
+(benchmarks/timing.py):
+  ours        the model's path: attention_mask (segments + causal, [B,1,T,S]) and
+              jax.nn.dot_product_attention(implementation="xla")
+  causal_only jax.nn.dot_product_attention(is_causal=True), no explicit mask
+  grouped     a plain einsum softmax with GQA as a reshape (no repeated KV heads)
+  torch_sdpa  torch.nn.functional.scaled_dot_product_attention(is_causal=True)
+
+    python -m benchmarks.attention_cpu [--batch 2 --seq 1024 --heads 8 --kv_heads 4 --head_dim 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from benchmarks.timing import (cores, interleaved_samples, load1, load_average, loaded,
+                               loaded_line, ratio_cell)
+from derta_jax.models.attention import _dot_product_attention, attention_mask
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, value in (("batch", 2), ("seq", 1024), ("heads", 8), ("kv_heads", 4),
+                        ("head_dim", 32), ("repeats", 7)):
+        p.add_argument(f"--{name}", type=int, default=value)
+    a = p.parse_args(argv)
+    B, T, N, K, H = a.batch, a.seq, a.heads, a.kv_heads, a.head_dim
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, T, N, H), np.float32)
+    k = rng.standard_normal((B, T, K, H), np.float32)
+    v = rng.standard_normal((B, T, K, H), np.float32)
+    segments = np.ones((B, T), np.int32)
+
+    @jax.jit
+    def ours(q, k, v, segments):
+        mask = attention_mask(segments, segments, jnp.arange(T), jnp.arange(T), None)
+        return _dot_product_attention(q, k, v, mask, "xla", None)
+
+    @jax.jit
+    def causal_only(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+    @jax.jit
+    def grouped(q, k, v):
+        qg = q.reshape(B, T, K, N // K, H)
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k) / np.sqrt(H)
+        causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+        probs = jax.nn.softmax(jnp.where(causal, scores, -1e30), axis=-1)
+        return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+
+    tq, tk, tv = (torch.tensor(x).transpose(1, 2) for x in (q, k, v))
+    tk, tv = tk.repeat_interleave(N // K, 1), tv.repeat_interleave(N // K, 1)
+
+    def torch_sdpa():
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+
+    jq, jk, jv, js = (jnp.asarray(x) for x in (q, k, v, segments))
+    fns = {"ours": lambda: ours(jq, jk, jv, js).block_until_ready(),
+           "causal_only": lambda: causal_only(jq, jk, jv).block_until_ready(),
+           "grouped": lambda: grouped(jq, jk, jv).block_until_ready(),
+           "torch_sdpa": torch_sdpa}
+    reference = torch_sdpa().transpose(1, 2).numpy()
+    for name in ("ours", "causal_only", "grouped"):
+        out = np.asarray(fns[name]() if name != "ours" else ours(jq, jk, jv, js))
+        assert np.abs(np.asarray(out) - reference).max() < 1e-4, name
+    info = {"cores": cores(), "load_before": load_average(), "load1_before": load1()}
+    wall, cpu = interleaved_samples(fns, a.repeats)
+    info.update(load_after=load_average(), load1_after=load1())
+    flops = 4 * B * N * T * T * H
+    print(f"attention B={B} T={T} heads={N} kv={K} head_dim={H} float32, causal; "
+          f"{a.repeats} interleaved repetitions; load before {info['load_before']}, "
+          f"after {info['load_after']}; torch {torch.get_num_threads()} threads")
+    for line in loaded_line(info):
+        print(line)
+    torch_wall = statistics.median(wall["torch_sdpa"])
+    for name in fns:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"{name:12s} {w * 1e3:7.1f} ms wall {c * 1e3:7.1f} ms CPU  "
+              f"{flops / w / 1e9:5.1f} GFLOP/s (dense count)  vs torch "
+              f"{ratio_cell(torch_wall / w, loaded(info), bold=False)}")
+
+
+if __name__ == "__main__":
+    main()
