@@ -53,6 +53,8 @@ def parse_args(argv):
     for field, value in vars(setup.BenchShape()).items():
         p.add_argument(f"--{field}", type=int, default=value)
     p.add_argument("--keep_rate", type=float, default=0.05, help="RTO keep rate of the DeRTa step")
+    p.add_argument("--attention_impl", default="xla", choices=["xla", "chunked"],
+                   help="derta_jax's attention (model.attention_impl)")
     p.add_argument("--matmul", type=int, default=2048, help="n of the n x n f32 peak matmul")
     p.add_argument("--matmul_count", type=int, default=4, help="matmuls per timed call")
     p.add_argument("--mixture_rows", type=int, default=512,
@@ -149,9 +151,10 @@ def run(args) -> dict:
     torch.set_num_threads(info["cores"])
     info["torch_threads"] = torch.get_num_threads()
     info["load_before"], info["load1_before"] = load_average(), load1()
+    info["attention_impl"] = args.attention_impl
     shape = setup.BenchShape(**{f: getattr(args, f) for f in vars(setup.BenchShape())})
     optim = setup.optimizer_config()
-    hf_model, model, model_cfg = setup.build_models(shape)
+    hf_model, model, model_cfg = setup.build_models(shape, attention_impl=args.attention_impl)
     refusal_id = 3
     derta_batch, sft_batch = setup.derta_and_sft_batches(shape, refusal_id,
                                                          prompt_len=max(1, shape.seq // 4))
@@ -241,6 +244,7 @@ def report(results: dict, command: str) -> str:
         f"{results['repeats']} interleaved repetitions in {i['seconds']:.0f} s",
         *loaded_line(i),
         f"config: Mistral, vocab {s.vocab}, hidden {s.hidden}, {s.layers} layers, {s.heads} heads "
+        f"(attention_impl {i.get('attention_impl', 'xla')}) "
         f"({s.kv_heads} kv), intermediate {s.intermediate}; batch {s.batch} x {s.seq} tokens, "
         f"float32. Wall ms = median (fastest) per step, ratio of medians (of fastest); "
         f"CPU ms = median process CPU time per step (all threads), ratio of those",

@@ -65,7 +65,7 @@ def optimizer_config(lr: float = 1e-4) -> ml_collections.ConfigDict:
 # --- models -------------------------------------------------------------------------------
 
 
-def build_models(shape: BenchShape, seed: int = 0):
+def build_models(shape: BenchShape, seed: int = 0, attention_impl: str = "xla"):
     """-> (HF MistralForCausalLM in train mode, derta_jax Transformer, its ModelConfig),
     both holding the same random float32 weights."""
     import torch
@@ -79,7 +79,8 @@ def build_models(shape: BenchShape, seed: int = 0):
                               tie_word_embeddings=False, attention_dropout=0.0)
     torch.manual_seed(seed)
     hf_model = MistralForCausalLM(hf_config).float().train()
-    config = model_config_from_hf(hf_config.to_dict(), param_dtype="float32", dtype="float32")
+    config = model_config_from_hf(hf_config.to_dict(), param_dtype="float32", dtype="float32",
+                                  attention_impl=attention_impl)
     abstract = weights.abstract_model(config)
     tensors = ((name, t.detach().numpy(), "state_dict")
                for name, t in hf_model.state_dict().items())

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "mixtral")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
 
 
 @dataclasses.dataclass(frozen=True)
