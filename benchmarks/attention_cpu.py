@@ -7,6 +7,7 @@ the gap grows with T^2: attention. This times the attention alone, same inputs, 
               jax.nn.dot_product_attention(implementation="xla")
   causal_only jax.nn.dot_product_attention(is_causal=True), no explicit mask
   grouped     a plain einsum softmax with GQA as a reshape (no repeated KV heads)
+  chunked     the model's attention_impl="chunked" (models/attention.chunked_attention)
   torch_sdpa  torch.nn.functional.scaled_dot_product_attention(is_causal=True)
 
     python -m benchmarks.attention_cpu [--batch 2 --seq 1024 --heads 8 --kv_heads 4 --head_dim 32]
@@ -24,7 +25,8 @@ import torch
 
 from benchmarks.timing import (cores, interleaved_samples, load1, load_average, loaded,
                                loaded_line, ratio_cell)
-from derta_jax.models.attention import _dot_product_attention, attention_mask
+from derta_jax.models.attention import (_dot_product_attention, attention_mask,
+                                        chunked_attention)
 
 
 def main(argv=None) -> None:
@@ -57,6 +59,17 @@ def main(argv=None) -> None:
         probs = jax.nn.softmax(jnp.where(causal, scores, -1e30), axis=-1)
         return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
 
+    @jax.jit
+    def chunked(q, k, v, segments):
+        return chunked_attention(q, k, v, segments, None)
+
+    def gradient(f, *extra):
+        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *extra) ** 2),
+                                argnums=(0, 1, 2)))
+
+    grad_ours, grad_chunked = gradient(ours, jnp.asarray(segments)), gradient(
+        chunked, jnp.asarray(segments))
+
     tq, tk, tv = (torch.tensor(x).transpose(1, 2) for x in (q, k, v))
     tk, tv = tk.repeat_interleave(N // K, 1), tv.repeat_interleave(N // K, 1)
 
@@ -68,10 +81,14 @@ def main(argv=None) -> None:
     fns = {"ours": lambda: ours(jq, jk, jv, js).block_until_ready(),
            "causal_only": lambda: causal_only(jq, jk, jv).block_until_ready(),
            "grouped": lambda: grouped(jq, jk, jv).block_until_ready(),
-           "torch_sdpa": torch_sdpa}
+           "chunked": lambda: chunked(jq, jk, jv, js).block_until_ready(),
+           "torch_sdpa": torch_sdpa,
+           "grad ours": lambda: jax.block_until_ready(grad_ours(jq, jk, jv)),
+           "grad chunked": lambda: jax.block_until_ready(grad_chunked(jq, jk, jv))}
     reference = torch_sdpa().transpose(1, 2).numpy()
-    for name in ("ours", "causal_only", "grouped"):
-        out = np.asarray(fns[name]() if name != "ours" else ours(jq, jk, jv, js))
+    outs = {"ours": ours(jq, jk, jv, js), "causal_only": causal_only(jq, jk, jv),
+            "grouped": grouped(jq, jk, jv), "chunked": chunked(jq, jk, jv, js)}
+    for name, out in outs.items():
         assert np.abs(np.asarray(out) - reference).max() < 1e-4, name
     info = {"cores": cores(), "load_before": load_average(), "load1_before": load1()}
     wall, cpu = interleaved_samples(fns, a.repeats)
@@ -85,6 +102,9 @@ def main(argv=None) -> None:
     torch_wall = statistics.median(wall["torch_sdpa"])
     for name in fns:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        if name.startswith("grad"):
+            print(f"{name:12s} {w * 1e3:7.1f} ms wall {c * 1e3:7.1f} ms CPU")
+            continue
         print(f"{name:12s} {w * 1e3:7.1f} ms wall {c * 1e3:7.1f} ms CPU  "
               f"{flops / w / 1e9:5.1f} GFLOP/s (dense count)  vs torch "
               f"{ratio_cell(torch_wall / w, loaded(info), bold=False)}")

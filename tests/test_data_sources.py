@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import grain
 import numpy as np
@@ -315,7 +314,12 @@ def test_weighted_tfds_and_file_sources_train_batches(world, tmp_path):
                      mixture_epoch="first_exhausted")
     validate(config)
     batches, data = _batches(config, tmp_path)
-    assert len(batches) == data.pipeline.num_steps
-    assert data.report["rows"] == 2 * (NUM_HELPFUL + NUM_SAFETY)
+    rows = NUM_HELPFUL + NUM_SAFETY  # each source holds the same 120 rows
+    assert data.report["rows"] == 2 * rows
     assert any("weight 3" in note for note in data.report["notes"])
-    assert os.path.isdir(tmp_path / "cache")
+    # Grain's length for 1:3 over two sources of 120 rows: 160 an epoch, 40 + 120; two epochs
+    plan = data.pipeline.plan
+    from_tfds = int((plan.row_ids < rows).sum())
+    assert (from_tfds, plan.row_ids.size - from_tfds) == (2 * 40, 2 * 120)
+    # the batches hold exactly the planned tokens (the TFDS rows and the file's alike)
+    assert sum(int(b["segment_ids"].astype(bool).sum()) for b in batches) == plan.num_tokens

@@ -127,19 +127,21 @@ def open_source(spec: SourceSpec, tfds_data_dir: str, on_error: str = "raise") -
         raise SourceError(f"data.sources entry {spec.text!r}: cannot be read "
                           f"({formats.cli_one_line(e)})") from None
     return OpenedSource(spec, f"{spec.kind}-{digest}",
-                        lambda: file_rows(spec, on_error, skipped), skipped)
+                        lambda: file_rows(spec.kind, spec.location, on_error, skipped), skipped)
 
 
-def file_rows(spec: SourceSpec, on_error: str, skipped: list) -> Iterator[TextRow]:
-    """The TextRows of a reference or helpful file, streamed."""
-    if spec.kind == "reference":
-        fields = formats.ReferenceFields()
-        for row in formats.iter_rows(spec.location, formats.parse_reference,
+def file_rows(kind: str, path: str, on_error: str, skipped: list,
+              fields: formats.ReferenceFields | formats.HelpfulFields | None = None
+              ) -> Iterator[TextRow]:
+    """The TextRows of a reference or helpful file (JSONL or Parquet), streamed; `fields`
+    maps the format's fields to the file's names (default: the format's own)."""
+    if kind == "reference":
+        fields = fields or formats.ReferenceFields()
+        for row in formats.iter_rows(path, lambda s, o: formats.parse_reference(s, o, fields),
                                      dataclasses.astuple(fields), on_error, skipped):
             yield reference_text_row(row)
         return
-    fields = formats.HelpfulFields()
-    for row in formats.iter_rows(spec.location, formats.parse_helpful,
+    fields = fields or formats.HelpfulFields()
+    for row in formats.iter_rows(path, lambda s, o: formats.parse_helpful(s, o, fields),
                                  dataclasses.astuple(fields), on_error, skipped):
         yield TextRow(row.instruction, row.output, kind="helpful", source=row.source)
-

@@ -37,8 +37,8 @@ import sys
 import uuid
 from typing import Callable, Iterable, Iterator, Sequence
 
-from derta_jax.data import formats, mixture, tfds_format
-from derta_jax.data.templates import TextRow, reference_text_row
+from derta_jax.data import formats, mixture, sources, tfds_format
+from derta_jax.data.templates import TextRow
 
 DEFAULT_NAME = "derta_mixture"
 DEFAULT_VERSION = "1.0.0"
@@ -87,7 +87,7 @@ def write_dataset(name: str, version: str, config: str | None, data_dir: str,
     staging.mkdir()
     try:
         features = tfds_format.features()
-        shards, num_bytes = _write_shards(staging, name, features, make_rows(), shard_rows,
+        shards, num_bytes = _write_shards(staging, features, make_rows(), shard_rows,
                                           file_adapters.ArrayRecordFileAdapter)
         if not shards:
             raise ValueError(f"{name}: no rows to write")
@@ -122,7 +122,7 @@ def write_dataset(name: str, version: str, config: str | None, data_dir: str,
     return BuildResult(full, str(target), sum(shards), provenance)
 
 
-def _write_shards(directory, name: str, features, rows: Iterable[TextRow], shard_rows: int,
+def _write_shards(directory, features, rows: Iterable[TextRow], shard_rows: int,
                   adapter) -> tuple[list[int], int]:
     """Serialised records into part-00000, part-00001, ... of `shard_rows` each; returns
     the shard lengths and the bytes written."""
@@ -148,26 +148,15 @@ def _inputs(paths_: Sequence[str]) -> list[dict]:
     return [{"path": p, "sha256": formats.file_sha256(p)} for p in paths_]
 
 
-def mixture_rows(triples: Sequence[formats.TripleRow], helpful: Sequence[formats.HelpfulRow],
-                 recipe: str, seed: int, num_safety: int,
-                 num_helpful: int | None) -> mixture.MixtureRows:
-    return mixture.build_mixture_rows(triples, helpful, recipe, seed, num_safety, num_helpful)
-
-
 def streamed_rows(reference: Sequence[str], helpful: Sequence[str],
                   reference_fields: formats.ReferenceFields,
                   helpful_fields: formats.HelpfulFields, on_error: str,
                   skipped: list) -> Iterator[TextRow]:
     """The rows of the files as they are: reference files (in order), then helpful files."""
     for path in reference:
-        for row in formats.iter_rows(path, lambda s, o: formats.parse_reference(
-                s, o, reference_fields), dataclasses.astuple(reference_fields), on_error,
-                skipped):
-            yield reference_text_row(row)
+        yield from sources.file_rows("reference", path, on_error, skipped, reference_fields)
     for path in helpful:
-        for row in formats.iter_rows(path, lambda s, o: formats.parse_helpful(
-                s, o, helpful_fields), dataclasses.astuple(helpful_fields), on_error, skipped):
-            yield TextRow(row.instruction, row.output, kind="helpful", source=row.source)
+        yield from sources.file_rows("helpful", path, on_error, skipped, helpful_fields)
 
 
 def _define_flags():
@@ -273,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             helpful = (formats.read_helpful(FLAGS.helpful[0], helpful_fields, FLAGS.on_error)
                        if FLAGS.helpful else formats.ReadResult((), ()))
             skipped = list(triples.skipped + helpful.skipped)
-            built = mixture_rows(triples.rows, helpful.rows, config, FLAGS.seed,
-                                 FLAGS.num_safety, FLAGS.num_helpful)
+            built = mixture.build_mixture_rows(triples.rows, helpful.rows, config,
+                                               FLAGS.seed, FLAGS.num_safety,
+                                               FLAGS.num_helpful)
             provenance.update(recipe=config, seed=FLAGS.seed, num_safety=FLAGS.num_safety,
                               num_helpful=FLAGS.num_helpful, counts=built.counts,
                               triple_passes=built.triple_passes, notes=list(built.notes))

@@ -29,7 +29,8 @@ from typing import Any
 
 import ml_collections
 
-from derta_jax.data import formats, mixture, sources, synthetic, templates, tokenize
+from derta_jax.data import (formats, mixture, sources, synthetic, templates, tfds_format,
+                            tokenize)
 from derta_jax.data.pipeline import ConcatRows, DataPipeline, LoaderConfig, Mixing
 from derta_jax.data.token_cache import load_or_build_cache
 from derta_jax.data.tokenizer_builder import build_bpe_tokenizer, load_tokenizer, save_tokenizer
@@ -178,7 +179,8 @@ def _source_cache(spec: sources.SourceSpec, config: ml_collections.ConfigDict, t
     returns the cache, its tokenisation reports (empty on a cache hit) and skipped rows."""
     d = config.data
     try:
-        opened = sources.open_source(spec, d.tfds_data_dir or _tfds_default_dir(), d.on_error)
+        opened = sources.open_source(spec, d.tfds_data_dir or tfds_format.default_data_dir(),
+                                     d.on_error)
     except sources.SourceError as e:
         raise ConfigError(str(e)) from None
     reports = []
@@ -196,12 +198,6 @@ def _source_cache(spec: sources.SourceSpec, config: ml_collections.ConfigDict, t
     if len(cache) == 0:
         raise ConfigError(f"data.sources entry {spec.text!r}: no rows")
     return cache, reports, opened.skipped
-
-
-def _tfds_default_dir() -> str:
-    from derta_jax.data.tfds_format import default_data_dir
-
-    return default_data_dir()
 
 
 def build_training_data(config: ml_collections.ConfigDict, workdir: paths.PathLike, *,
