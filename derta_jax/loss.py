@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 
 NORMALIZATIONS = ("pooled", "per_term")
+OBJECTIVES = ("derta", "constrained_sft")  # constrained_sft: derta_jax/constrained_loss.py
 LOSS_BATCH_KEYS = ("targets", "loss_mask", "rto_mask", "segment_ids")
 F32 = jnp.float32
 
@@ -49,6 +50,15 @@ class LossConfig:
     rto_keep_rate: float = 1.0  # 1.0 keeps every RTO position; the paper's 7B/8B full FT: 0.05
     chunk_size: int = 256  # sequence positions per chunk of the chunked cross-entropy
     num_position_buckets: int = 4  # P(refusal) probe by relative depth in the harmful answer
+    # "constrained_sft": the next-token term becomes Qi et al. 2024's token-wise constrained
+    # objective against the frozen starting model (derta_jax/constrained_loss.py); per-token
+    # beta: `beta_first` on the first response token, `beta_early` on the rest of the first
+    # `early_tokens`, `beta_late` after (the paper's 0.5 / 2 / 0.1 over 5 tokens).
+    objective: str = "derta"
+    beta_first: float = 0.5
+    beta_early: float = 2.0
+    early_tokens: int = 5
+    beta_late: float = 0.1
 
     def validate(self) -> "LossConfig":
         def check(ok: bool, field: str, why: str) -> None:
@@ -69,6 +79,11 @@ class LossConfig:
               "must be in (0, 1] (1.0 keeps every RTO position)")
         check(is_count(self.chunk_size), "chunk_size", "must be an integer >= 1")
         check(is_count(self.num_position_buckets), "num_position_buckets", "must be an integer >= 1")
+        check(self.objective in OBJECTIVES, "objective", f"must be one of {OBJECTIVES}")
+        for field in ("beta_first", "beta_early", "beta_late"):
+            check(is_number(getattr(self, field)) and getattr(self, field) > 0, field,
+                  "must be a finite number > 0")
+        check(is_count(self.early_tokens), "early_tokens", "must be an integer >= 1")
         return self
 
 
@@ -317,17 +332,22 @@ def finalize_metrics(sums: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def loss_from_nll(nll: jax.Array, batch: Mapping[str, jax.Array], rng: Optional[jax.Array],
-                  cfg: LossConfig, global_counts: Optional[TokenCounts] = None):
+                  cfg: LossConfig, global_counts: Optional[TokenCounts] = None,
+                  per_position: Optional[jax.Array] = None):
     """(loss, metric sums) from per-position nll [B, T]. Without `global_counts` the batch is
     its own global batch; under gradient accumulation pass `token_counts(global_batch, cfg)`
-    and the per-micro-batch losses (and gradients) add up to the global-batch loss."""
+    and the per-micro-batch losses (and gradients) add up to the global-batch loss.
+
+    `per_position` [B, T], when given, is the term that is weighted instead of `nll` (another
+    objective on the same positions and denominators); the metrics still report the nll."""
     cfg.validate()
     check_batch(batch)
     _, rto = active_masks(batch)
     keep_mask = rto_keep_mask(rto, batch["segment_ids"], rng, cfg.rto_keep_rate)
     counts = token_counts(batch, cfg) if global_counts is None else global_counts
     weights = position_weights(batch, keep_mask, cfg, counts)
-    loss = jnp.sum(jnp.where(weights != 0, weights * nll, 0.0))
+    term = nll if per_position is None else per_position
+    loss = jnp.sum(jnp.where(weights != 0, weights * term, 0.0))
     return loss, metric_sums(nll, batch, keep_mask, cfg)
 
 

@@ -66,6 +66,7 @@ SLOW_FILES_FIRST = (
     "test_plan.py",                # ~70 s
     "test_evaluate.py",            # ~65 s
     "test_decode_sharded.py",      # ~60 s
+    "test_constrained_loss.py",    # ~55 s: four short training runs
     "test_durability.py",          # ~30 s: a LoRA attack and three evaluations
 )
 

@@ -18,7 +18,7 @@ from derta_jax.data.mixture import RECIPES
 from derta_jax.data.pipeline import MIXING_EPOCHS
 from derta_jax.data.sources import SourceError, parse_sources
 from derta_jax.data.templates import TEMPLATE_NAMES as TEMPLATES
-from derta_jax.loss import NORMALIZATIONS, LossConfig
+from derta_jax.loss import NORMALIZATIONS, OBJECTIVES, LossConfig
 from derta_jax.models.config import ModelConfig
 from derta_jax.train.cluster import INITIALIZE_MODES
 
@@ -186,6 +186,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: Optional[int] = Non
     _check(lo.lambda_mle >= 0 and lo.lambda_rto >= 0, "loss.lambda_mle/lambda_rto",
            (lo.lambda_mle, lo.lambda_rto), "must be >= 0")
     _check(lo.chunk_size >= 1, "loss.chunk_size", lo.chunk_size, "must be >= 1")
+    _check(lo.objective in OBJECTIVES, "loss.objective", lo.objective, f"must be one of {OBJECTIVES}")
+    _check(lo.objective != "constrained_sft" or bool(config.model.init_from or config.model.hf_dir),
+           "loss.objective", lo.objective,
+           "keeps the model close to the aligned model it starts from, so it needs one: set "
+           "model.init_from (a derta_jax workdir or checkpoint) or model.hf_dir")
     _check(o.lr > 0, "optim.lr", o.lr, "must be > 0")
     _check(o.schedule in SCHEDULES, "optim.schedule", o.schedule, f"must be one of {SCHEDULES}")
     _check(0.0 <= o.warmup_ratio < 1.0, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)")

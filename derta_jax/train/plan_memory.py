@@ -95,6 +95,10 @@ def state_memory(config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh
     n_trained, trained_total, trained_dev = params_per_device(trained, mesh)
     n_frozen, frozen_total, frozen_dev = (params_per_device(frozen, mesh) if frozen is not None
                                           else (0, 0, 0))
+    if frozen is None and config.loss.get("objective") == "constrained_sft":
+        # full fine-tuning against a frozen copy of the starting weights (its parameters
+        # are the same ones, so param_count does not change)
+        frozen_total, frozen_dev, n_frozen = trained_total, trained_dev, 0
     return StateMemory(n_trained + n_frozen, n_trained, trained_dev + frozen_dev, 2 * trained_dev,
                        opt_state_per_device(config, trained, mesh), trained_total,
                        trained_total + frozen_total)

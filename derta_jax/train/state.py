@@ -37,7 +37,7 @@ from derta_jax.models.config import ModelConfig
 from derta_jax.models import sharding as sharding_lib
 from derta_jax.train.config import build_model_config, loss_config
 from derta_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from derta_jax.train.step import BATCH_KEYS, LossFunction, TrainState, derta_loss_function, make_train_step
+from derta_jax.train.step import BATCH_KEYS, LossFunction, TrainState, loss_function, make_train_step
 
 BATCH_DTYPES = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_,
                 "rto_mask": jnp.bool_, "positions": jnp.int32, "segment_ids": jnp.int32}
@@ -130,9 +130,15 @@ class Assembly:
 
     def load_frozen(self) -> Any:
         """The frozen base of a LoRA run, reloaded at every start (checkpoints hold only the
-        adapters); the (empty) non-Param rest of the model otherwise."""
+        adapters); for full fine-tuning against the aligned model (loss.objective=
+        constrained_sft), the rest and a copy of the starting weights; the (empty) non-Param
+        rest of the model otherwise."""
         if self.frozen_shardings is None:
             return self.abstract_frozen
+        if self.lora_settings is None:
+            return {"rest": self.abstract_frozen["rest"],
+                    "aligned": load_base_params(self.config, self.model_cfg,
+                                                self.frozen_shardings["aligned"])}
         return load_base_params(self.config, self.model_cfg, self.frozen_shardings)
 
     def restore_state(self, manager, step: int) -> tuple[TrainState, dict]:
@@ -175,6 +181,20 @@ def base_record(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
     return {**base, "model_config_sha256": wd.model_config_hash(cfg)}
 
 
+def parts_of_frozen(lora_run: bool, needs_aligned: bool):
+    """(model_parts, aligned_parts) for make_train_step: how the step's (params, frozen) make
+    the trained model and, for a loss that needs it, the frozen aligned model. LoRA: the
+    aligned model is the frozen base with the adapters at zero (no second copy of the
+    weights); full fine-tuning: frozen = {"rest", "aligned": a copy of the start weights}."""
+    if not needs_aligned:
+        return (lambda params, frozen: (params, frozen)), None
+    if lora_run:
+        return ((lambda params, frozen: (params, frozen)),
+                lambda params, frozen: (jax.tree.map(jnp.zeros_like, params), frozen))
+    return ((lambda params, frozen: (params, frozen["rest"])),
+            lambda params, frozen: (frozen["aligned"], frozen["rest"]))
+
+
 def assemble(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_steps: int,
              model_cfg: Optional[ModelConfig] = None,
              loss_fn: Optional[LossFunction] = None) -> Assembly:
@@ -192,11 +212,17 @@ def assemble(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_s
     state_shardings = TrainState(rep, param_shardings, opt_state_shardings(
         optimizer, abstract_params, param_shardings, mesh), rep)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    if frozen_base is None:
-        frozen_shardings, abstract_frozen = None, nnx.to_pure_dict(rest)
-    else:
+    loss_fn = loss_fn or loss_function(loss_config(config))
+    model_parts, aligned_parts = parts_of_frozen(settings is not None, loss_fn.needs_aligned)
+    if frozen_base is not None:
         frozen_shardings = nnx.to_pure_dict(sharding_lib.state_shardings(frozen_base, mesh))
         abstract_frozen = nnx.to_pure_dict(frozen_base)
+    elif loss_fn.needs_aligned:  # full fine-tuning against a frozen copy of the start
+        rest = nnx.to_pure_dict(rest)
+        abstract_frozen = {"rest": rest, "aligned": abstract_params}
+        frozen_shardings = {"rest": jax.tree.map(lambda _: rep, rest), "aligned": param_shardings}
+    else:
+        frozen_shardings, abstract_frozen = None, nnx.to_pure_dict(rest)
     micro_spec = NamedSharding(mesh, PartitionSpec(*batch_sharding.spec))
 
     def constrain(micro_batch: dict) -> dict:
@@ -206,9 +232,9 @@ def assemble(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_s
     if settings is not None and settings.dropout > 0:
         prepare = lora.set_dropout_keys
     step_fn = make_train_step(graphdef, optimizer, config.train.micro_batches,
-                              loss_fn=loss_fn or derta_loss_function(loss_config(config)),
-                              aux_loss_coef=model_cfg.router_aux_loss_coef,
-                              micro_batch_constraint=constrain, prepare_model=prepare)
+                              loss_fn=loss_fn, aux_loss_coef=model_cfg.router_aux_loss_coef,
+                              micro_batch_constraint=constrain, prepare_model=prepare,
+                              model_parts=model_parts, aligned_parts=aligned_parts)
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings,
                                             {k: batch_sharding for k in BATCH_KEYS}),
                      out_shardings=(state_shardings, None), donate_argnums=(0,))

@@ -1,7 +1,9 @@
 """One pure training step: `train_step(state, frozen, batch) -> (state, metrics)`.
 
 Built by derta_jax.train.state.assemble for every user (trainer, planner, benchmarks); the
-loss is a pluggable `LossFunction`, the DeRTa loss by default.
+loss is a pluggable `LossFunction`, the DeRTa loss by default (`loss.objective`). A loss that
+needs the frozen aligned model's log-probabilities (constrained_sft) gets that model's hidden
+states from a second, gradient-free forward pass on the same micro-batch.
 
 The global batch [G, T] is split into `micro_batches` slices that a `lax.scan` walks through,
 adding gradients. The loss is normalised over the WHOLE global batch: `token_counts` of the
@@ -26,6 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from derta_jax import constrained_loss as constrained
 from derta_jax import loss as derta
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "rto_mask", "positions", "segment_ids")
@@ -39,11 +42,14 @@ class LossFunction(NamedTuple):
     counts(batch) -> denominators, computed ONCE on the global batch
     loss(hidden [B,T,D], unembedding [D,V], micro_batch, rng, counts) -> (loss, sums)
     finalize(sums) -> metrics
+    needs_aligned: the loss also takes `aligned=(hidden, unembedding)` of the frozen aligned
+      model (the starting weights) on the same micro-batch
     """
 
     counts: Callable[[dict], Any]
     loss: Callable[..., tuple[jax.Array, dict]]
     finalize: Callable[[dict], dict]
+    needs_aligned: bool = False
 
 
 def derta_loss_function(loss_cfg: derta.LossConfig) -> LossFunction:
@@ -54,6 +60,28 @@ def derta_loss_function(loss_cfg: derta.LossConfig) -> LossFunction:
 
     return LossFunction(lambda batch: derta.token_counts(batch, loss_cfg), loss,
                         derta.finalize_metrics)
+
+
+def constrained_loss_function(loss_cfg: derta.LossConfig) -> LossFunction:
+    """Qi et al.'s token-wise constrained objective (derta_jax.constrained_loss) on the
+    next-token positions, against the frozen aligned model; the same denominators."""
+    def loss(hidden, unembedding, micro_batch, rng, counts, aligned):
+        return constrained.constrained_loss(hidden, unembedding, *aligned, micro_batch, rng,
+                                            loss_cfg, global_counts=counts)
+
+    return LossFunction(lambda batch: derta.token_counts(batch, loss_cfg), loss,
+                        constrained.finalize_metrics, needs_aligned=True)
+
+
+def loss_function(loss_cfg: derta.LossConfig) -> LossFunction:
+    """The LossFunction that config.loss.objective names."""
+    if loss_cfg.objective == "constrained_sft":
+        return constrained_loss_function(loss_cfg)
+    return derta_loss_function(loss_cfg)
+
+
+def _as_given(params: Any, frozen: Any) -> tuple[Any, Any]:
+    return params, frozen
 
 
 class TrainState(NamedTuple):
@@ -76,17 +104,32 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                     micro_batches: int, loss_fn: LossFunction,
                     aux_loss_coef: float = 0.0,
                     micro_batch_constraint: Callable[[dict], dict] = lambda b: b,
-                    prepare_model: Optional[Callable[[nnx.Module, jax.Array], Any]] = None):
+                    prepare_model: Optional[Callable[[nnx.Module, jax.Array], Any]] = None,
+                    model_parts: Callable[[Any, Any], tuple[Any, Any]] = _as_given,
+                    aligned_parts: Optional[Callable[[Any, Any], tuple[Any, Any]]] = None):
     """Builds the pure step. `micro_batch_constraint` re-applies the batch sharding to each
-    micro-batch slice (identity without a mesh)."""
+    micro-batch slice (identity without a mesh). `model_parts(params, frozen)` and
+    `aligned_parts(params, frozen)` give the (params, rest) that nnx.merge makes the trained
+    model and the frozen aligned model of from the step's inputs (a loss that
+    `needs_aligned` requires the second)."""
+    if loss_fn.needs_aligned and aligned_parts is None:
+        raise ValueError("this loss compares against the frozen aligned model, but the step "
+                         "was given no aligned_parts to build it from")
+
+    def forward(model, micro_batch):
+        return model(micro_batch["input_ids"], micro_batch["positions"],
+                     micro_batch["segment_ids"])
 
     def micro_loss(params, frozen, micro_batch, rng, counts):
-        model = nnx.merge(graphdef, params, frozen)
+        model = nnx.merge(graphdef, *model_parts(params, frozen))
         if prepare_model is not None:
             prepare_model(model, rng)
-        hidden, aux = model(micro_batch["input_ids"], micro_batch["positions"],
-                            micro_batch["segment_ids"])
-        loss, sums = loss_fn.loss(hidden, model.unembedding(), micro_batch, rng, counts)
+        hidden, aux = forward(model, micro_batch)
+        extra = {}
+        if loss_fn.needs_aligned:
+            aligned = nnx.merge(graphdef, *jax.lax.stop_gradient(aligned_parts(params, frozen)))
+            extra["aligned"] = (forward(aligned, micro_batch)[0], aligned.unembedding())
+        loss, sums = loss_fn.loss(hidden, model.unembedding(), micro_batch, rng, counts, **extra)
         if "aux_loss" in aux:
             sums["router_aux_loss_sum"] = aux["aux_loss"].astype(jnp.float32)
             if aux_loss_coef:
