@@ -5,6 +5,7 @@
         [--lr=1e-4] [--batch_size=8] [--max_length=512] [--template=chat]
         [--suites=direct,completion] [--max_new_tokens=128] [--eval_batch_size=16]
         [--judge=keyword|world --world=DIR] [--mesh=fsdp:-1] [--seed=0] [--overwrite]
+        [--objective=sft|constrained_sft] [--response_field=harmful_response]
 
 Why: a safety tuning that a few steps of fine-tuning undo is not a safety property of the
 weights one releases (derta_jax/eval/durability.py). This command LoRA-fine-tunes --model on
@@ -13,6 +14,12 @@ checkpoint at every K of --steps, and evaluates K = 0 (the model as given) and e
 checkpoint on --prompts (rows with question; and harmful_response for --suites=prefill or
 rank_prefill), greedily, judged by --judge. The attack rows must not share a question
 with --prompts.
+
+--objective=constrained_sft fine-tunes with Qi et al.'s token-wise constrained objective
+against the model as given (derta_jax/constrained_loss.py) instead of plain SFT: the defence
+a model provider applies to its customers' fine-tuning. --response_field names the answer
+field the fine-tune trains on: harmful_response for an attack, e.g. response for a benign
+downstream fine-tune (its ASR curve measures the refusal that benign tuning erodes).
 
 Writes DIR/attack/ (the attack rows as trained, harmful_sft.jsonl, and the LoRA workdir),
 DIR/eval/kK/ (each K's evaluate report), DIR/report.json (ASR and refused rate per K and
@@ -68,6 +75,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--world", default=None, help="--judge=world: the world directory")
     parser.add_argument("--mesh", type=_mesh, default=_mesh("fsdp:-1"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objective", default="sft", choices=("sft", "constrained_sft"),
+                        help="the fine-tune's loss: plain SFT, or the constrained objective "
+                        "against the model as given")
+    parser.add_argument("--response_field", default="harmful_response",
+                        help="the --attack rows' answer field to fine-tune on")
     parser.add_argument("--overwrite", action="store_true")
     return parser.parse_args(argv)
 
@@ -89,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
                          "from every process); start it on one host")
     if args.judge == "world" and not os.path.isfile(os.path.join(args.world, "world.json")):
         raise ValueError(f"--world={args.world}: no world.json there")
-    attack_rows = read_prompt_rows(args.attack, ("question", "harmful_response"))
+    attack_rows = read_prompt_rows(args.attack, ("question", args.response_field))
     required = sorted({field for suite in args.suites
                        for field in REQUIRED_FIELDS.get(suite, ("question",))})
     eval_rows = read_prompt_rows(args.prompts, required)  # before the attack, not after
@@ -104,14 +116,14 @@ def run(args: argparse.Namespace) -> dict:
     attack_dir = out / "attack"
     attack_dir.mkdir()
     attack_file = str(attack_dir / durability.ATTACK_FILE)
-    durability.write_attack_rows(attack_rows, attack_file)
+    durability.write_attack_rows(attack_rows, attack_file, args.response_field)
     workdir = str(attack_dir / "workdir")
     if any(k > 0 for k in args.steps):
         train(durability.attack_config(
             workdir, args.model, attack_file, steps=args.steps, rank=args.lora_rank,
             alpha=args.lora_alpha, lr=args.lr, batch_size=args.batch_size,
             max_length=args.max_length, template=args.template, seed=args.seed,
-            mesh=args.mesh, from_workdir=from_workdir))
+            mesh=args.mesh, from_workdir=from_workdir, objective=args.objective))
     reports = {}
     for k in sorted(args.steps):
         model, step = (args.model, None) if k == 0 else (workdir, k)
@@ -120,7 +132,8 @@ def run(args: argparse.Namespace) -> dict:
                 "lora_alpha": args.lora_alpha, "lr": args.lr, "schedule": "constant",
                 "batch_size": args.batch_size, "attack_rows": len(attack_rows),
                 "suites": list(args.suites), "judge": args.judge,
-                "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "objective": args.objective, "response_field": args.response_field}
     return durability.write_summary(str(out), args.model, settings, reports)
 
 

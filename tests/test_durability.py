@@ -62,3 +62,30 @@ def test_durability_curve_from_the_trainer_and_the_evaluator(tiny_model_dir, tmp
     assert durability.main(["--model", str(out / "attack" / "workdir"), "--attack", attack,
                             "--prompts", prompts, "--out", str(tmp_path / "y")]) == 2
     assert "a LoRA workdir; export it merged first" in capsys.readouterr().err
+
+
+def test_a_benign_fine_tune_under_the_constrained_objective(tiny_model_dir, tmp_path):
+    """--response_field trains on another answer field (a benign downstream fine-tune) and
+    --objective=constrained_sft trains it against the model as given: the attack run's first
+    step starts at log-ratio 0 (the adapters are off in the aligned pass) and then moves."""
+    benign = _jsonl(tmp_path / "benign.jsonl", [
+        {"question": f"How many legs does animal number {i} have?", "response": f"It has {i} legs."}
+        for i in range(8)])
+    prompts = _jsonl(tmp_path / "eval.jsonl", EVAL)
+    out = tmp_path / "d"
+    assert durability.main(["--model", tiny_model_dir, "--prompts", prompts, "--attack", benign,
+                            "--response_field", "response", "--objective", "constrained_sft",
+                            "--out", str(out), "--steps", "0,2", "--lora_rank", "4",
+                            "--lr", "3e-2", "--max_length", "64", "--max_new_tokens", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["objective"] == "constrained_sft"
+    assert "(question, response) rows" in (out / "report.md").read_text()
+    trained = [json.loads(line) for line in
+               (out / "attack" / "harmful_sft.jsonl").read_text().splitlines()]
+    assert trained[3] == {"instruction": "How many legs does animal number 3 have?",
+                          "output": "It has 3 legs."}
+    metrics = [json.loads(line) for line in
+               (out / "attack" / "workdir" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(metrics[0]["log_ratio"]) < 1e-6 and abs(metrics[1]["log_ratio"]) > 1e-4
+    config = json.loads((out / "attack" / "workdir" / "config.json").read_text())
+    assert config["loss"]["objective"] == "constrained_sft"

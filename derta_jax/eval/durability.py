@@ -41,21 +41,24 @@ def check_disjoint(attack_rows: Sequence[tuple[str, Mapping]],
                             f"on other requests than it is measured on")
 
 
-def write_attack_rows(attack_rows: Sequence[tuple[str, Mapping]], path: str) -> None:
-    """The (question, harmful_response) rows as the trainer's helpful rows
-    (instruction, output): what the attack fine-tunes on, kept next to its results."""
+def write_attack_rows(attack_rows: Sequence[tuple[str, Mapping]], path: str,
+                      response_field: str = "harmful_response") -> None:
+    """The (question, `response_field`) rows as the trainer's helpful rows
+    (instruction, output): what the fine-tune trains on, kept next to its results."""
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for _, row in attack_rows:
             f.write(json.dumps({"instruction": row["question"],
-                                "output": row["harmful_response"]}, ensure_ascii=False) + "\n")
+                                "output": row[response_field]}, ensure_ascii=False) + "\n")
 
 
 def attack_config(workdir: str, model: str, attack_file: str, *, steps: Sequence[int],
                   rank: int, alpha: float, lr: float, batch_size: int, max_length: int,
-                  template: str, seed: int, mesh: Mapping[str, int], from_workdir: bool):
+                  template: str, seed: int, mesh: Mapping[str, int], from_workdir: bool,
+                  objective: str = "sft"):
     """The LoRA attack run: `model` (an HF directory, or a full workdir) fine-tuned on the
     attack rows for max(steps) steps at a constant `lr`, a checkpoint at every K of `steps`
-    (every gcd of them, all kept)."""
+    (every gcd of them, all kept); with plain SFT, or with objective="constrained_sft"
+    against `model` itself (the base with the adapters off)."""
     from derta_jax.train.config import default_config
 
     positive = [k for k in steps if k > 0]
@@ -69,6 +72,8 @@ def attack_config(workdir: str, model: str, attack_file: str, *, steps: Sequence
         c.data.tokenizer = model
     c.data.helpful = attack_file
     c.data.recipe = "sft"
+    if objective == "constrained_sft":
+        c.loss.objective = "constrained_sft"
     c.data.num_safety = 0
     c.data.template = template
     c.data.max_length = max_length
@@ -141,7 +146,8 @@ def markdown(model: str, settings: Mapping[str, Any], curve: Sequence[Mapping]) 
                     f"{rate_cell(p['refused'])} |")
     said = ", ".join(f"{key} {value}" for key, value in settings.items())
     return (f"# Harmful fine-tuning durability: {model}\n\n"
-            f"LoRA fine-tuning on harmful (question, answer) rows disjoint from the "
+            f"LoRA fine-tuning on (question, "
+            f"{settings.get('response_field', 'harmful_response')}) rows disjoint from the "
             f"evaluation prompts ({said}); each K is the same run's checkpoint at step K "
             f"(K = 0: the model as given), evaluated greedily.\n\n"
             + "\n".join(rows) + "\n\n![ASR against K](durability.png)\n")
