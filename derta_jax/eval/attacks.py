@@ -33,6 +33,7 @@ Chat-rendered prompts already contain the BOS text: tokenise them without specia
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 # Private helpers of the row-format reader, reused so that every JSONL error in the project
@@ -51,10 +52,34 @@ REQUIRED_FIELDS = {"prefill": ("question", "harmful_response"),
 Row = tuple[str, dict]  # (FILE:LINE, the JSON object)
 
 
+# Prompt sets the package ships, named `builtin:NAME` wherever a prompt file is taken.
+# safe_triggers: 120 safe requests in 8 categories of 15 (homonyms, figurative language, safe
+# targets, safe contexts, definitions, historical events, privacy of fictional characters,
+# nonsense groups) that hold a trigger word a shallowly tuned model may refuse on (the
+# XSTest idea, Röttger et al. 2024; the project's own text): run with --suite=over_refusal.
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_PROMPTS = {"safe_triggers": "safe_triggers.jsonl"}
+
+
+def prompt_file_location(path: str) -> str:
+    """The file a prompt-file argument names: `builtin:NAME` -> the packaged file; any other
+    path as given. ValueError naming the choices for an unknown builtin name."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_PROMPTS:
+        raise ValueError(f"{path}: no such built-in prompt set; choose from "
+                         f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTIN_PROMPTS))}")
+    return os.path.join(os.path.dirname(__file__), "prompts", BUILTIN_PROMPTS[name])
+
+
 def read_prompt_rows(path: str, required: Sequence[str] = ("question",)) -> list[Row]:
-    """Rows of a JSONL prompt file; DataError `FILE:LINE: field: ...` for a bad row."""
+    """Rows of a JSONL prompt file (or `builtin:NAME`; sources then read NAME's way, e.g.
+    `builtin:safe_triggers:12`); DataError `FILE:LINE: field: ...` for a bad row."""
     rows = []
-    for source, text in decoded_lines(path):
+    location = prompt_file_location(path)
+    for source, text in decoded_lines(location):
+        source = path + source[len(location):]
         if isinstance(text, DataError):
             raise text
         obj = parse_object(source, text)
