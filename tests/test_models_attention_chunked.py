@@ -69,3 +69,20 @@ def test_a_model_gives_the_same_logits_with_either_implementation():
         model = Transformer(dataclasses.replace(config, attention_impl=impl), rngs=nnx.Rngs(0))
         logits.append(np.asarray(forward(model, ids, positions, segments)))
     np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
+
+
+def test_auto_attention_is_chosen_by_the_platform_traced_for():
+    import jax
+
+    from derta_jax.models.attention import resolve_attention_impl
+
+    assert [resolve_attention_impl("auto", p) for p in ("cpu", "gpu", "tpu")] == [
+        "chunked", None, "xla"]
+    assert resolve_attention_impl("xla", "cpu") == "xla"
+    assert resolve_attention_impl("cudnn", "tpu") == "cudnn"
+    assert resolve_attention_impl("auto") == "chunked"  # no mesh: this CPU backend
+    seen = []
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        jax.jit(lambda x: seen.append(resolve_attention_impl("auto")) or x)(1.0)
+    assert seen == ["chunked"]

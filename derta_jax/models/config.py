@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "mixtral")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("xla", "cudnn", "chunked")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")  # auto: models/attention.resolve_attention_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     remat_policy: str = "none"
     scan_layers: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"  # by the platform the step runs on (models/attention.py)
 
     @property
     def is_moe(self) -> bool:
