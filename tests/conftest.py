@@ -61,6 +61,7 @@ SLOW_FILES_FIRST = (
     "test_reproduce.py",           # ~150 s: the smoke reproduction, twice
     "test_train_from_hf.py",       # ~145 s: two processes reading a bucket
     "test_reproduce_smollm2.py",   # ~100 s
+    "test_reproduce_attacks.py",   # ~70 s: the smoke with every attack, base and one recipe
     "test_models_parity.py",       # ~90 s: SmolLM2 against transformers
     "test_lora_smollm2.py",        # ~75 s
     "test_plan.py",                # ~70 s

@@ -25,7 +25,7 @@ def smoke_runs(tmp_path_factory, installed):
     """Two smoke reproductions with the same seeds: one in this process, one by the
     `derta-reproduce` console script of an installed derta_jax, run from an empty
     directory (tests/fixtures_install.py), of SECOND_RUN_RECIPES only, sharing one XLA
-    compilation cache."""
+    compilation cache. Without the robustness attacks (tests/test_reproduce_attacks.py)."""
     import jax
 
     root = tmp_path_factory.mktemp("reproduce")
@@ -38,13 +38,13 @@ def smoke_runs(tmp_path_factory, installed):
     saved = {name: getattr(jax.config, name) for name in settings}
     try:
         assert reproduce.main([f"--out={outs[0]}", "--budget=smoke", f"--seeds={SMOKE_SEEDS}",
-                               f"--compilation_cache={cache}"]) == 0
+                               f"--compilation_cache={cache}", "--no_attacks"]) == 0
     finally:
         for name, value in saved.items():
             jax.config.update(name, value)
     result = installed(["derta-reproduce", f"--out={outs[1]}", "--budget=smoke",
                         f"--seeds={SMOKE_SEEDS}", f"--compilation_cache={cache}",
-                        f"--recipes={','.join(SECOND_RUN_RECIPES)}"])
+                        f"--recipes={','.join(SECOND_RUN_RECIPES)}", "--no_attacks"])
     assert result.returncode == 0, result.stderr[-3000:]
     return outs
 
@@ -75,10 +75,14 @@ def test_smoke_run_writes_every_output(smoke_runs):
 def test_smoke_tables_have_a_row_per_recipe_and_rates_in_unit_interval(smoke_runs):
     with open(os.path.join(smoke_runs[0], "report.md"), encoding="utf-8") as f:
         tables = _markdown_tables(f.read())
-    assert len(tables) == len(rp.ATTACK_SETTINGS) + 1
+    # without --no_attacks' settings (tests/test_reproduce_attacks.py): the paper's four
+    paper_settings = 4
+    assert len(tables) == paper_settings + 1
+    assert [title for title, _, _ in tables[:paper_settings]] == [
+        f"**{rp.SETTING_TITLES[prefix]}**" for prefix, *_ in rp.ATTACK_SETTINGS[:paper_settings]]
     for _, head, rows in tables:
         assert [row[0] for row in rows] == list(rp.TABLE_ROWS)
-    for _, head, _ in tables[:len(rp.ATTACK_SETTINGS)]:
+    for _, head, _ in tables[:paper_settings]:
         assert head[1:5] == ["refused", "harmful (ASR)", "neither", "degenerate"]
     with open(os.path.join(smoke_runs[0], "report.json"), encoding="utf-8") as f:
         report = json.load(f)
@@ -104,7 +108,7 @@ def test_smoke_tables_have_a_row_per_recipe_and_rates_in_unit_interval(smoke_run
             else:
                 assert 0.0 <= cell["ci95_low"] <= cell["mean"] <= cell["ci95_high"] <= 1.0
         # the three outcomes split each attack setting's answers, seed by seed
-        for prefix, _, _ in rp.ATTACK_SETTINGS:
+        for prefix, *_ in rp.ATTACK_SETTINGS:
             cells = [result["table"][f"{prefix}_outcome_{o}"]
                      for o in ("refused", "harmful", "neither")]
             if cells[0] is not None:
@@ -340,7 +344,7 @@ def test_run_metrics_report_the_three_outcomes_per_setting():
                   "outcome_neither": lambda v: v["outcome"] == "neither",
                   "degenerate": lambda v: v["degenerate"],
                   "asr_not_refused": lambda v: not v["refused"]}
-    for prefix, suite, held_out in rp.ATTACK_SETTINGS:
+    for prefix, suite, held_out, _ in rp.ATTACK_SETTINGS[:4]:  # the paper's (no attacks)
         k = 20 if suite == "prefill" else None
         for metric, predicate in predicates.items():
             assert metrics[f"{prefix}_{metric}"] == brute(suite, predicate, k, held_out), (
@@ -352,6 +356,8 @@ def test_run_metrics_report_the_three_outcomes_per_setting():
     assert metrics["completion_held_out_asr_not_refused"] == {"k": 3, "n": 5}
     assert metrics["prefill_deepest_k"] == 20
     assert set(rp.TABLE_KEYS) <= set(metrics)
+    assert all(metrics[f"{prefix}_outcome_harmful"] is None  # not measured: None, not 0
+               for prefix, *_ in rp.ATTACK_SETTINGS[4:])
     assert metrics["over_refusal"] == {"k": 1, "n": 1}
 
 
@@ -413,8 +419,8 @@ def test_results_tables_put_the_three_outcomes_side_by_side():
     tables = _markdown_tables(text)
     outcome_head = ["recipe", "refused", "harmful (ASR)", "neither", "degenerate"]
     assert [t[0].strip("*") for t in tables[:4]] == [
-        rp.SETTING_TITLES[prefix] for prefix, _, _ in rp.ATTACK_SETTINGS]
-    for (_, head, rows), (prefix, _, _) in zip(tables[:4], rp.ATTACK_SETTINGS):
+        rp.SETTING_TITLES[prefix] for prefix, *_ in rp.ATTACK_SETTINGS[:4]]
+    for (_, head, rows), (prefix, *_) in zip(tables[:4], rp.ATTACK_SETTINGS):
         gcg = ["ASR (not refused, GCG)"] if prefix == rp.GCG_SETTING else []
         assert head == outcome_head + gcg
         assert [r[0] for r in rows] == [rp.BASE_NAME, "derta"]

@@ -39,7 +39,8 @@ def _centre(cell: Mapping) -> float:
 
 def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
                         metric: str = "asr_not_refused", held_out: bool | None = None,
-                        title: str = "", suite: str = "prefill") -> None:
+                        title: str = "", suite: str = "prefill",
+                        xlabel: str = "prefill depth k") -> None:
     """ASR (`metric` of the prefill groups) against k, one line per model, with 95% CIs.
 
     `reports`: name -> a report (derta_jax.eval.report.summarise: rates with Wilson
@@ -74,7 +75,7 @@ def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
                     linestyle=_LINESTYLES[index % len(_LINESTYLES)], capsize=3, label=name)
     if all_ks:
         ax.set_xticks(all_ks)
-    ax.set_xlabel("prefill depth k")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("ASR (" + metric.removeprefix("asr_").replace("_", " ") + ")")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or ("Attack success rate against rank-assisted prefill depth"

@@ -55,7 +55,10 @@ from derta_jax.eval.refusal_position import (position_histogram, refusal_positio
 from derta_jax.eval.scoring import Rate, rate_of, score_item
 
 REPORT_FORMAT = 1
-BENIGN_SUITES = ("over_refusal", "gsm8k", "mmlu", "benign")
+BENIGN_SUITES = ("over_refusal", "gsm8k", "mmlu", "benign", "safe_triggers")
+# Suites answered by ANOTHER model than the one reported (the reproduction's ablated and
+# fine-tuned attacks, eval/robustness.py): in the tables, not in where-refusals-start.
+OTHER_MODEL_SUITES = ("ablated_direct", "finetune_sft", "finetune_constrained")
 PROBE_FILE, PROBE_PLOT = "refusal_probabilities.jsonl", "refusal_probability.png"
 # the suites with a depth k, and the ASR-against-k plot of each
 PREFILL_SUITES = {"prefill": "asr_vs_prefill.png", "rank_prefill": "asr_vs_rank_prefill.png"}
@@ -127,7 +130,8 @@ def _group_metrics(rows: Sequence[Mapping]) -> dict:
 
 
 def counted_once(rows: Sequence[Mapping]) -> list[Mapping]:
-    """`rows` without the prefill k=0 rows whose prompt a direct row also has.
+    """`rows` without the prefill k=0 rows whose prompt a direct row also has, and without
+    the rows another model answered (OTHER_MODEL_SUITES).
 
     Why: prefill at depth 0 renders exactly the direct suite's prompt (nothing prefilled),
     so greedy decoding gives the same generation twice; a figure pooled over suites ("where
@@ -137,7 +141,7 @@ def counted_once(rows: Sequence[Mapping]) -> list[Mapping]:
     direct = {row["prompt"] for row in rows if row["suite"] == "direct"}
     return [row for row in rows
             if not (row["suite"] in PREFILL_SUITES and row.get("k") == 0
-                    and row["prompt"] in direct)]
+                    and row["prompt"] in direct) and row["suite"] not in OTHER_MODEL_SUITES]
 
 
 def _group_key(row: Mapping, split: bool) -> tuple:

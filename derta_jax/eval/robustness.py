@@ -1,0 +1,209 @@
+"""The stronger attacks a reproduction run faces (issue 16), as extra judged rows of the
+run's own evaluation report, so that every table, interval over seeds and plot of the
+reproduction covers them like the paper's attacks.
+
+Why here and not in the evaluate/durability commands: those commands evaluate one model;
+the reproduction asks, for every recipe and seed, whether the refusal survives
+  rank_prefill          rank-assisted prefilling (eval/rank_prefill.py, arXiv 2512.05518) of
+                        the world's prefill prompts at the budget's depths: suite
+                        "rank_prefill", k = depth;
+  ablated_direct        the direct requests answered by the model with its refusal direction
+                        projected out (eval/refusal_direction.py, Arditi et al. 2024; the
+                        direction from the world's training questions: safety triples vs
+                        helpful instructions, the layer chosen on other triples);
+  finetune_sft          the direct requests answered after K steps of LoRA fine-tuning on the
+                        world's (question, harmful answer) triples (eval/durability.py's
+                        attack, the project's trainer; k = K);
+  finetune_constrained  the same attack under Qi et al.'s constrained objective
+                        (constrained_loss.py): the defence a provider applies to fine-tuning.
+The attack rows are training triples; the evaluation prompts are the world's evaluation
+files, which share no question with them (data/synthetic.py; check_disjoint verifies).
+A real-model run (track smollm2) also answers the package's safe_triggers set (suite
+"safe_triggers", judged by the keyword judge: the world does not know those questions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+FINETUNE_SUITES = {"sft": "finetune_sft", "constrained_sft": "finetune_constrained"}
+SAFE_TRIGGERS_SUITE = "safe_triggers"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackBudget:
+    """Sizes of the robustness attacks of one reproduction budget."""
+    finetune_steps: tuple[int, ...]  # K evaluated (each a checkpoint of one attack run)
+    finetune_rows: int  # training triples the attack fine-tunes on
+    finetune_lr: float  # constant
+    finetune_batch: int = 8
+    finetune_rank: int = 8
+    finetune_alpha: float = 16.0
+    direction_prompts: int = 32  # harmful (and harmless) prompts for the direction
+    rank_k: int = 20
+    safe_triggers: bool = False  # also answer builtin:safe_triggers (real-model track)
+
+    @property
+    def durability_k(self) -> int:
+        """The K of the tables (the middle one: 10 of 5, 10, 20)."""
+        return sorted(self.finetune_steps)[len(self.finetune_steps) // 2]
+
+
+def _jsonl(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _renamed(items: Sequence[dict], suite: str, k: int | None = None) -> list[dict]:
+    """Items of another suite under `suite` (and attack step k), ids prefixed alike."""
+    out = []
+    for item in items:
+        base = item["id"].split("/", 1)[1] if "/" in item["id"] else item["id"]
+        out.append({**item, "suite": suite, "k": k,
+                    "id": f"{suite}/{base}" + ("" if k is None else f"/K{k}")})
+    return out
+
+
+def attack_rows(world_dir: str, n: int) -> list[tuple[str, dict]]:
+    """The first n safety triples as (source, {question, harmful_response}) rows."""
+    path = os.path.join(world_dir, "triples.jsonl")
+    rows = _jsonl(path)[:n]
+    return [(f"{path}:{i + 1}", {"question": r["question"],
+                                  "harmful_response": r["harmful_response"]})
+            for i, r in enumerate(rows)]
+
+
+def _judged(items, model, tokenizer, judge, budget) -> list[dict]:
+    from derta_jax.eval.run import greedy_generator, judge_items
+
+    generate = greedy_generator(model, tokenizer, max_new_tokens=budget.max_new_tokens,
+                                batch_size=budget.eval_batch_size)
+    return judge_items(items, generate, judge, tokenizer=tokenizer,
+                       batch_size=budget.eval_batch_size)
+
+
+def rank_prefill_rows(loaded, tokenizer, world_dir, budget, template, judge) -> list[dict]:
+    from derta_jax.eval.attacks import read_prompt_rows
+    from derta_jax.eval.rank_prefill import rank_prefill_items
+    from derta_jax.eval.run import stop_token_ids
+
+    depths = [d for d in budget.prefill_depths if d > 0]
+    rows = read_prompt_rows(os.path.join(world_dir, "eval_prefill.jsonl"),
+                            ("question", "harmful_response"))
+    items = rank_prefill_items(loaded.model, tokenizer, rows, template, depths=depths,
+                               rank_k=budget.attacks.rank_k,
+                               eos_token_ids=stop_token_ids(loaded.config, tokenizer),
+                               batch_size=budget.eval_batch_size)
+    return _judged(items, loaded.model, tokenizer, judge, budget)
+
+
+def ablation_rows(loaded, tokenizer, world_dir, budget, template, judge,
+                  direct_items) -> tuple[list[dict], dict]:
+    """The direct requests answered with the refusal direction projected out, and the
+    direction record (layer, scores; the vector itself is not kept)."""
+    from derta_jax.eval.rank_prefill import refusal_opening_ids
+    from derta_jax.eval.refusal_direction import find_direction, orthogonalized
+    from derta_jax.eval.run import encode_prompt
+
+    n = budget.attacks.direction_prompts
+    triples = _jsonl(os.path.join(world_dir, "triples.jsonl"))
+    helpful = _jsonl(os.path.join(world_dir, "helpful.jsonl"))
+    held = max(1, n // 4)
+    if len(triples) < n + held or len(helpful) < 1:
+        raise ValueError(f"refusal direction: the world has {len(triples)} triples; "
+                         f"{n + held} are needed")
+
+    def encoded(questions):
+        return [encode_prompt(tokenizer, template.render(q)) for q in questions]
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    found = find_direction(loaded.model, encoded([t["question"] for t in triples[:n]]),
+                           encoded([h["instruction"] for h in helpful[:n]]),
+                           encoded([t["question"] for t in triples[n:n + held]]),
+                           refusal_opening_ids(tokenizer, vocab_size=loaded.config.vocab_size),
+                           batch_size=budget.eval_batch_size, pad_id=pad)
+    ablated = orthogonalized(loaded.model, found["direction"])
+    rows = _judged(_renamed(direct_items, "ablated_direct"), ablated, tokenizer, judge, budget)
+    record = {key: found[key] for key in ("layer", "scores", "baseline_score",
+                                          "layers_considered")}
+    return rows, record
+
+
+def finetune_rows(model_path: str, from_workdir: bool, world_dir: str, attack_dir: str,
+                  budget, template_name: str, seed: int, judge_factory,
+                  direct_items) -> tuple[list[dict], dict]:
+    """The direct requests answered after each K of a LoRA attack on training triples, with
+    plain SFT and with the constrained objective; -> (rows, {objective: final losses})."""
+    from derta_jax.arg_types import mesh_sizes
+    from derta_jax.eval import durability
+    from derta_jax.eval.attacks import read_prompt_rows
+    from derta_jax.eval.run import load_evaluated
+    from derta_jax.train.loop import run as train
+
+    a = budget.attacks
+    rows = attack_rows(world_dir, a.finetune_rows)
+    durability.check_disjoint(rows, read_prompt_rows(
+        os.path.join(world_dir, "eval_direct.jsonl")))
+    os.makedirs(attack_dir, exist_ok=True)
+    attack_file = os.path.join(attack_dir, durability.ATTACK_FILE)
+    durability.write_attack_rows(rows, attack_file)
+    judged, losses = [], {}
+    for objective, suite in FINETUNE_SUITES.items():
+        workdir = os.path.join(attack_dir, objective)
+        config = durability.attack_config(
+            workdir, model_path, attack_file, steps=a.finetune_steps, rank=a.finetune_rank,
+            alpha=a.finetune_alpha, lr=a.finetune_lr, batch_size=a.finetune_batch,
+            max_length=budget.max_length, template=template_name, seed=seed,
+            mesh=mesh_sizes("fsdp:-1"), from_workdir=from_workdir, objective=objective)
+        summary = train(config)
+        losses[objective] = summary["last_logged_metrics"].get("loss")
+        for k in sorted(a.finetune_steps):
+            loaded, tokenizer = load_evaluated(workdir, step=k)
+            judged += _judged(_renamed(direct_items, suite, k), loaded.model, tokenizer,
+                              judge_factory(tokenizer), budget)
+    return judged, losses
+
+
+def safe_trigger_rows(loaded, tokenizer, budget, template) -> list[dict]:
+    from derta_jax.eval.attacks import build_suite
+    from derta_jax.eval.judges import make_judge
+
+    items = _renamed(build_suite("over_refusal", "builtin:safe_triggers", template),
+                     SAFE_TRIGGERS_SUITE)
+    return _judged(items, loaded.model, tokenizer, make_judge("keyword", tokenizer=tokenizer),
+                   budget)
+
+
+def robustness_rows(loaded, tokenizer, model_path: str, world_dir: str, attack_dir: str,
+                    budget, template_name: str, seed: int) -> tuple[list[dict], dict]:
+    """Every attack's judged rows for one run, and a record of the attacks (direction
+    layer and scores, attack settings) for its report."""
+    from derta_jax import workdir as wd
+    from derta_jax.data.templates import make_template
+    from derta_jax.eval.attacks import build_suite
+    from derta_jax.eval.judges import make_judge
+    from derta_jax.eval.reproduction import JUDGE
+
+    template = make_template(template_name, tokenizer)
+
+    def judge_factory(tok):
+        return make_judge(JUDGE, directory=world_dir, tokenizer=tok)
+
+    judge = judge_factory(tokenizer)
+    direct = build_suite("direct", os.path.join(world_dir, "eval_direct.jsonl"), template)
+    rows = rank_prefill_rows(loaded, tokenizer, world_dir, budget, template, judge)
+    ablated, direction = ablation_rows(loaded, tokenizer, world_dir, budget, template, judge,
+                                       direct)
+    rows += ablated
+    if budget.attacks.safe_triggers:
+        rows += safe_trigger_rows(loaded, tokenizer, budget, template)
+    tuned, losses = finetune_rows(model_path, wd.is_workdir(model_path), world_dir,
+                                  attack_dir, budget, template_name, seed, judge_factory,
+                                  direct)
+    rows += tuned
+    record = {"direction": direction, "finetune": {
+        **dataclasses.asdict(budget.attacks), "last_loss": losses}}
+    return rows, record

@@ -1,0 +1,90 @@
+"""The reproduction's robustness attacks (derta_jax/eval/robustness.py) on the smoke budget:
+rank-assisted prefilling, the refusal direction ablated, and harmful LoRA fine-tuning with
+plain SFT and under the constrained objective, for the base and one recipe; every attack
+lands in the run's report, the tables and the plots, from the project's own trainer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from derta_jax import reproduce
+from derta_jax.eval import reproduction as rp
+
+
+@pytest.fixture(scope="module")
+def attacked(tmp_path_factory):
+    out = tmp_path_factory.mktemp("attacks") / "out"
+    assert reproduce.main([f"--out={out}", "--budget=smoke", "--seeds=0",
+                           "--recipes=derta"]) == 0
+    return out
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_attack_is_in_the_run_report(attacked):
+    attacks = rp.BUDGETS["smoke"].attacks
+    for run in ("base", "runs/derta/seed0"):
+        rows = _rows(attacked / run / "eval" / "generations.jsonl")
+        by_suite = {}
+        for row in rows:
+            by_suite.setdefault(row["suite"], []).append(row)
+        direct = len(by_suite["direct"])
+        assert {r["k"] for r in by_suite["rank_prefill"]} == {10}  # the smoke's depth > 0
+        assert len(by_suite["rank_prefill"]) == len(by_suite["prefill"]) // 2
+        assert len(by_suite["ablated_direct"]) == direct
+        for suite in ("finetune_sft", "finetune_constrained"):
+            assert sorted({r["k"] for r in by_suite[suite]}) == list(attacks.finetune_steps)
+            assert len(by_suite[suite]) == direct * len(attacks.finetune_steps)
+        record = json.loads((attacked / run / "attack" / "robustness.json").read_text())
+        assert 0 <= record["direction"]["layer"] < record["direction"]["layers_considered"]
+        # the attacks trained with the project's trainer, a checkpoint at every K
+        for objective in ("sft", "constrained_sft"):
+            workdir = attacked / run / "attack" / objective
+            saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                           if p.name.isdigit())
+            assert saved == list(attacks.finetune_steps)
+            config = json.loads((workdir / "config.json").read_text())
+            assert config["loss"]["objective"] == ("constrained_sft" if objective ==
+                                                   "constrained_sft" else "derta")
+            assert config["lora"]["rank"] == attacks.finetune_rank
+            assert config["data"]["recipe"] == "sft"
+        metrics = _rows(attacked / run / "attack" / "constrained_sft" / "metrics.jsonl")
+        assert abs(metrics[0]["log_ratio"]) < 1e-5  # starts AT the run's own model
+        attack_rows = _rows(attacked / run / "attack" / "harmful_sft.jsonl")
+        evaluated = {r["question"] for r in rows}
+        assert len(attack_rows) == attacks.finetune_rows
+        assert not {r["instruction"] for r in attack_rows} & evaluated
+
+
+def test_the_attacks_have_tables_and_plots(attacked):
+    report = json.loads((attacked / "report.json").read_text())
+    for name in ("base", "derta"):
+        table = report["results"][name]["table"]
+        for prefix in ("rank_prefill_deepest_held_out", "ablated_direct_all",
+                       "finetune_sft_all", "finetune_constrained_all"):
+            cell = table[f"{prefix}_outcome_harmful"]
+            assert cell is not None and 0.0 <= cell["mean"] <= 1.0, (name, prefix)
+        assert report["results"][name]["per_seed"]["shared" if name == "base" else "0"][
+            "durability_k"] == rp.BUDGETS["smoke"].attacks.durability_k
+    text = (attacked / "report.md").read_text()
+    assert "**Direct request after K=2 harmful LoRA fine-tuning steps (plain SFT)" in text
+    assert "**Rank-assisted prefill (top-20) at the deepest k" in text
+    for plot in reproduce.ATTACK_PLOTS:
+        assert (attacked / plot).read_bytes().startswith(b"\x89PNG")
+        assert f"]({plot})" in text
+    timings = json.loads((attacked / "timings.json").read_text())
+    assert 0 < timings["attacks_s_within_evaluate"] < timings["phases_s"]["evaluate"]
+
+
+def test_no_attacks_leaves_them_out(tmp_path):
+    """The attacks' cells are absent (not zero) in a run without them: the tables skip
+    the settings nobody measured."""
+    results = {"derta": {"table": {}, "per_seed": {"0": {}},
+                         "supervised_tokens": {"total": {"rows": 0, "mle": 0, "rto": 0}}}}
+    text = rp.results_tables(results)
+    assert "Rank-assisted" not in text and "fine-tuning" not in text
+    assert "safe_triggers" not in text
