@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -40,6 +41,18 @@ import orbax.checkpoint as ocp
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.lora import LoraSettings
 from derta_jax.paths import PathLike, resolve
+
+
+class _QuietPartialRestore(logging.Filter):
+    """Drops Orbax's warning for every checkpoint item a restore does not ask for ("Item
+    'opt_state' was found in the checkpoint, but could not be restored"): evaluation and
+    export read the parameters alone on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietPartialRestore())
 
 MODEL_CONFIG_FILE = "model_config.json"
 RUN_CONFIG_FILE = "config.json"

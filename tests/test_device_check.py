@@ -88,3 +88,12 @@ def test_attention_is_read_from_the_compiled_hlo():
     assert attention_used(pallas) == ("pallas", ["tpu_custom_call"])
     plain = '%dot.1 = f32[2,2]{1,0} dot(f32[2,2] %a, f32[2,2] %b), lhs_contracting_dims={1}'
     assert attention_used(plain) == ("xla", [])
+
+
+def test_nominal_peaks_by_device_kind():
+    from derta_jax.train.flops import peak_flops_for
+
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("TPU v5 lite") == 197e12
+    assert peak_flops_for("cpu") == 0.0

@@ -171,3 +171,27 @@ def test_evaluation_probes_the_refusal_token_the_run_was_trained_on(tmp_path):
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     assert probed == refusal_probabilities(loaded.model, prompt, response, word_id, pad_id=pad)
     assert probed != refusal_probabilities(loaded.model, prompt, response, sorry_id, pad_id=pad)
+
+
+def test_reading_the_parameters_of_a_training_checkpoint_warns_of_nothing(tmp_path, caplog):
+    """Evaluation and export read `params` alone; Orbax's warning for each other item of a
+    training checkpoint (opt_state, train, data) is noise there and is filtered out, while
+    the parameters come back exactly."""
+    import logging
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from derta_jax import workdir as wd
+
+    params = {"w": jnp.arange(6, dtype=jnp.float32).reshape(2, 3)}
+    with wd.checkpoint_manager(tmp_path, async_save=False) as manager:
+        wd.save_training_state(manager, 3, params, {"mu": params}, jax.random.key(0),
+                               {"epoch": 0})
+        manager.wait_until_finished()
+    with caplog.at_level(logging.WARNING):
+        restored, step = wd.restore_params(tmp_path, jax.eval_shape(lambda: params))
+    assert step == 3
+    np.testing.assert_array_equal(restored["w"], params["w"])
+    assert not [r for r in caplog.records if "could not be restored" in r.getMessage()]

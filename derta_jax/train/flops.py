@@ -20,7 +20,8 @@ PEAK_FLOPS = {
     "tpu v5": 459e12,
     "tpu v6 lite": 918e12,  # v6e (Trillium)
     "tpu v6e": 918e12,
-    "h100": 989e12,
+    "h100": 989e12,  # SXM; jax names the PCIe card "NVIDIA H100 PCIe"
+    "h100 pcie": 756e12,
     "h200": 989e12,
     "a100": 312e12,
 }
