@@ -328,7 +328,8 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
         for suite, file, how in (("finetune_sft", "durability_sft.png", "plain SFT"),
                                  ("finetune_constrained", "durability_constrained.png",
                                   "the constrained objective")):
-            plot_prefill_curves(attacked, os.path.join(out, file), metric=PREFILL_PLOT_METRIC,
+            plot_prefill_curves({name: _direct_as_k0(sr, suite) for name, sr in attacked.items()},
+                                os.path.join(out, file), metric=PREFILL_PLOT_METRIC,
                                 suite=suite, xlabel="harmful LoRA fine-tuning steps K",
                                 title=f"Direct requests after K attack steps ({how})")
     plot_position_histograms(positions, os.path.join(out, "refusal_positions.png"))
@@ -359,6 +360,14 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
         f.write(report_markdown(report))
     write_all_generations(out, per_run)
     return report
+
+
+def _direct_as_k0(seed_report: dict, suite: str) -> dict:
+    """A seed report whose direct-suite groups also stand as `suite` at k = 0: K = 0 attack
+    steps is the run's own direct result, the start of its durability curve."""
+    start = [dict(g, suite=suite, k=0) for g in seed_report["groups"]
+             if g["suite"] == "direct" and g["k"] is None]
+    return dict(seed_report, groups=start + list(seed_report["groups"]))
 
 
 def write_all_generations(out: str, per_run: dict) -> None:
