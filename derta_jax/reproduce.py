@@ -24,7 +24,10 @@ claim is only as good as the run anyone can repeat. This command builds the whol
                 and a report per run in DIR/runs/RECIPE/seedS/eval/), and once for the
                 base model (DIR/base/eval/; the table's `base` row, one "seed"); answers
                 judged by the world judge: refused / harmful (the ASR) / neither, and
-                degenerate (derta_jax/eval/world_judge.py)
+                degenerate (derta_jax/eval/world_judge.py); and the stronger attacks of
+                derta_jax/eval/robustness.py (rank-assisted prefill, the refusal direction
+                ablated, harmful LoRA fine-tuning with plain SFT and the constrained
+                objective; --no_attacks skips them)             -> .../attack/
   5. report     DIR/report.md (a table per attack setting with refused / harmful / neither
                 / degenerate side by side, and one of the other measures: recipe x metrics,
                 mean ± std over seeds and a 95% t interval over seeds, none for one seed),
