@@ -569,13 +569,16 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         tokenizer_dir = timer("world", build_world, out, budget)
         base_hf = timer("pretrain", pretrain_base, out, budget, tokenizer_dir)
         base_model = os.path.join(out, "base", "workdir")
+    from derta_jax.train.loop import run as train  # the attacks' fine-tunes
+
     def attack_dir(*parts):
         return os.path.join(out, *parts, "attack") if attacks else None
 
     per_run = {(rp.BASE_NAME, None): timer("evaluate", rp.evaluate_run, base_model, world_dir,
                                            os.path.join(out, "base", "eval"), budget,
                                            rp.BASE_NAME, track.template,
-                                           attack_dir=attack_dir("base"), seed=BASE_SEED)}
+                                           attack_dir=attack_dir("base"), seed=BASE_SEED,
+                                           train=train)}
     tokens = {rp.BASE_NAME: {"total": {"rows": 0, "mle": 0, "rto": 0}}}
     for name, recipe, share in rp.RECIPE_RUNS:
         if name not in recipes:
@@ -587,7 +590,8 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
             per_run[(name, seed)] = timer("evaluate", rp.evaluate_run, tuned, world_dir,
                                           eval_dir, budget, f"{name} seed {seed}",
                                           track.template, seed=seed,
-                                          attack_dir=attack_dir("runs", name, f"seed{seed}"))
+                                          attack_dir=attack_dir("runs", name, f"seed{seed}"),
+                                          train=train)
     diverged = None
     if track.damaged_control and rp.DAMAGED_NAME in recipes:
         from derta_jax.train.loop import NonFiniteLossError

@@ -31,7 +31,8 @@ def test_residuals_are_transformers_hidden_states_at_the_last_token(hf_tiny_llam
             np.testing.assert_allclose(residuals[layer, row], hidden[layer][0, -1].numpy(),
                                        rtol=1e-4, atol=1e-4, err_msg=f"{row} {layer}")
     means = rd.mean_residuals(model, PROMPTS, batch_size=2)
-    np.testing.assert_allclose(means, residuals.mean(axis=1), rtol=1e-5, atol=1e-6)
+    # other batch sizes pad differently: float32 noise of a few 1e-6 (chunked attention)
+    np.testing.assert_allclose(means, residuals.mean(axis=1), rtol=1e-5, atol=2e-5)
 
 
 def test_orthogonalised_model_is_transformers_with_orthogonalised_writers(hf_tiny_llama_dir):

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from derta_jax.data.synthetic import EVAL_TASKS
 from derta_jax.data.tokenize import DEFAULT_REFUSAL
@@ -326,11 +326,12 @@ def run_refusal_probabilities(loaded, tokenizer, template, answers) -> list[list
 
 def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, name: str,
                  template_name: str = TEMPLATE, *, attack_dir: Optional[str] = None,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, train: Optional[Callable[[Any], dict]] = None) -> dict:
     """Generate, judge (JUDGE: the world judge of `world_dir`) and report one model (a
     workdir or an HF directory); -> {"report", "rows", "refusal_probabilities"}. With
     `attack_dir` and budget.attacks, the robustness attacks' rows join the report
-    (eval/robustness.py; their runs and robustness.json go to attack_dir)."""
+    (eval/robustness.py; their runs and robustness.json go to attack_dir; `train`, the
+    trainer's run, fine-tunes the attacks)."""
     from derta_jax.data.templates import make_template
     from derta_jax.eval.judges import make_judge
     from derta_jax.eval.report import write_report
@@ -348,9 +349,11 @@ def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, nam
     if attack_dir is not None and budget.attacks is not None:
         from derta_jax.eval.robustness import robustness_rows
 
+        if train is None:
+            raise ValueError("evaluate_run: the attacks fine-tune with the trainer; pass train")
         started = time.perf_counter()
         extra, record = robustness_rows(loaded, tokenizer, workdir, world_dir, attack_dir,
-                                        budget, template_name, seed)
+                                        budget, template_name, seed, train)
         rows += extra
         attack_seconds = record["seconds"] = time.perf_counter() - started
         with open(os.path.join(attack_dir, "robustness.json"), "w", encoding="utf-8") as f:

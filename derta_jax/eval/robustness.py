@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 FINETUNE_SUITES = {"sft": "finetune_sft", "constrained_sft": "finetune_constrained"}
 SAFE_TRIGGERS_SUITE = "safe_triggers"
@@ -134,14 +134,15 @@ def ablation_rows(loaded, tokenizer, world_dir, budget, template, judge,
 
 def finetune_rows(model_path: str, from_workdir: bool, world_dir: str, attack_dir: str,
                   budget, template_name: str, seed: int, judge_factory,
-                  direct_items) -> tuple[list[dict], dict]:
+                  direct_items, train: Callable[[Any], dict]) -> tuple[list[dict], dict]:
     """The direct requests answered after each K of a LoRA attack on training triples, with
-    plain SFT and with the constrained objective; -> (rows, {objective: final losses})."""
+    plain SFT and with the constrained objective; -> (rows, {objective: last losses}).
+    `train(config) -> summary` is the trainer's run (the command hands it in: a library
+    module does not import a command)."""
     from derta_jax.arg_types import mesh_sizes
     from derta_jax.eval import durability
     from derta_jax.eval.attacks import read_prompt_rows
     from derta_jax.eval.run import load_evaluated
-    from derta_jax.train.loop import run as train
 
     a = budget.attacks
     rows = attack_rows(world_dir, a.finetune_rows)
@@ -178,9 +179,10 @@ def safe_trigger_rows(loaded, tokenizer, budget, template) -> list[dict]:
 
 
 def robustness_rows(loaded, tokenizer, model_path: str, world_dir: str, attack_dir: str,
-                    budget, template_name: str, seed: int) -> tuple[list[dict], dict]:
+                    budget, template_name: str, seed: int,
+                    train: Callable[[Any], dict]) -> tuple[list[dict], dict]:
     """Every attack's judged rows for one run, and a record of the attacks (direction
-    layer and scores, attack settings) for its report."""
+    layer and scores, attack settings) for its report; `train`: the trainer's run."""
     from derta_jax import workdir as wd
     from derta_jax.data.templates import make_template
     from derta_jax.eval.attacks import build_suite
@@ -202,7 +204,7 @@ def robustness_rows(loaded, tokenizer, model_path: str, world_dir: str, attack_d
         rows += safe_trigger_rows(loaded, tokenizer, budget, template)
     tuned, losses = finetune_rows(model_path, wd.is_workdir(model_path), world_dir,
                                   attack_dir, budget, template_name, seed, judge_factory,
-                                  direct)
+                                  direct, train)
     rows += tuned
     record = {"direction": direction, "finetune": {
         **dataclasses.asdict(budget.attacks), "last_loss": losses}}
