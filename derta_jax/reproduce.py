@@ -59,6 +59,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from typing import Callable, Sequence
@@ -91,20 +92,34 @@ class Track:
     template: str  # derta_jax.data.templates name used for training and evaluation
     world_style: str  # derta_jax.data.synthetic style
     lora: bool  # tune with LoRA from a pretrained HF model (else full tuning from the tiny base)
+    default_runs: tuple[str, ...]  # what --recipes chooses when it is not given
     damaged_control: bool = False  # also tune and evaluate rp.DAMAGED_NAME (first seed)
 
 
+# The real-model track (issue 16): base, vanilla and DeRTa at both RTO keep rates (the
+# budget's 1.0, the paper's LoRA setting, and 0.05, its full fine-tuning setting).
 TRACKS = {"tiny": Track("tiny", rp.BUDGETS, rp.TEMPLATE, "tiny", lora=False,
+                        default_runs=rp.RECIPE_NAMES + (rp.DAMAGED_NAME,),
                         damaged_control=True),
           "smollm2": Track("smollm2", rp.LORA_BUDGETS, rp.LORA_TEMPLATE, "plain_english",
-                           lora=True)}
+                           lora=True, default_runs=("vanilla", "derta", "derta_keep0.05"))}
 MODELS = tuple(TRACKS)
 
 
 parse_seeds = int_list("seeds", "seeds", "0,1,2", distinct=True)
 
 
-RUN_CHOICES = rp.RECIPE_NAMES + (rp.DAMAGED_NAME,)
+RUN_CHOICES = rp.RECIPE_NAMES + tuple(rp.KEEP_RATE_RUNS) + (rp.DAMAGED_NAME,)
+STUDY_FILE = "study.json"  # what a run in OUT was made with: --resume checks it
+RUN_RECORD = "run.json"  # a finished run's evaluation: --resume loads it, never redoes it
+
+
+def tuning_runs(recipes: Sequence[str]) -> list[tuple[str, str, float, float | None]]:
+    """(name, mixture recipe, share of the safety rows, RTO keep rate or None = the budget's)
+    of the chosen runs, in the table's order (the damaged control is not among them)."""
+    runs = [(name, recipe, share, None) for name, recipe, share in rp.RECIPE_RUNS]
+    runs += [(name, *spec) for name, spec in rp.KEEP_RATE_RUNS.items()]
+    return [run for run in runs if run[0] in recipes]
 
 
 def parse_recipes(text: str) -> tuple[str, ...]:
@@ -134,16 +149,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="share of RTO positions kept per step; default: the budget's "
                              "(tiny: 0.05, the paper's full fine-tuning setting; smollm2: 1.0, "
                              "its LoRA setting)")
-    parser.add_argument("--recipes", type=parse_recipes, default=RUN_CHOICES,
+    parser.add_argument("--recipes", type=parse_recipes, default=None,
                         help=f"the runs to tune and evaluate besides the base, a subset of "
-                             f"{','.join(RUN_CHOICES)} (default: all; {rp.DAMAGED_NAME} "
-                             f"is the tiny track's negative control)")
+                             f"{','.join(RUN_CHOICES)} (default: tiny: the five recipes and "
+                             f"{rp.DAMAGED_NAME}, its negative control; smollm2: "
+                             f"{','.join(TRACKS['smollm2'].default_runs)}; derta_keepR is "
+                             f"DeRTa with RTO keep rate R)")
     parser.add_argument("--no_attacks", dest="attacks", action="store_false",
                         help="skip the robustness attacks (rank-assisted prefill, refusal-"
                         "direction ablation, harmful fine-tuning with and without the "
                         "constrained objective; eval/robustness.py)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted study in --out made with the same "
+                             "model, budget and attacks: finished runs are loaded, not "
+                             "redone; an unfinished run starts over")
     parser.add_argument("--compilation_cache", default=None,
                         help="XLA persistent compilation cache directory; default OUT/xla_cache "
                              "(the tuning runs compile the same step: compiled once); "
@@ -245,12 +266,16 @@ def import_smollm2(out: str, gguf_path: str) -> str:
 
 
 def tune(out: str, budget, base_hf: str, name: str, recipe: str, share: float,
-         seed: int, track: Track = TRACKS["tiny"]) -> tuple[str, dict]:
-    """One recipe tuned from the base; -> (the tuned model to evaluate: the workdir, or an HF
-    dir with the LoRA adapters merged, supervised tokens of its mixture)."""
+         seed: int, track: Track = TRACKS["tiny"],
+         keep_rate: float | None = None) -> tuple[str, dict]:
+    """One recipe tuned from the base (at RTO keep rate `keep_rate`, default the budget's);
+    -> (the tuned model to evaluate: the workdir, or an HF dir with the LoRA adapters
+    merged, supervised tokens of its mixture)."""
     from derta_jax.data.tokenizer_builder import load_tokenizer
     from derta_jax.train import loop
 
+    if keep_rate is not None:
+        budget = dataclasses.replace(budget, rto_keep_rate=keep_rate)
     world_dir = os.path.join(out, "world")
     num_safety = rp.recipe_num_safety(budget, share)
     tokenizer = load_tokenizer(base_hf)
@@ -342,8 +367,9 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
               "world_seed": WORLD_SEED, "base_seed": BASE_SEED, "held_out": list(HELD_OUT),
               "judge": rp.JUDGE, "interval": INTERVAL_METHOD,
               "recipes": {name: {"recipe": recipe,
-                                 "num_safety": rp.recipe_num_safety(budget, share)}
-                          for name, recipe, share in rp.RECIPE_RUNS if name in results},
+                                 "num_safety": rp.recipe_num_safety(budget, share),
+                                 **({} if keep is None else {"rto_keep_rate": keep})}
+                          for name, recipe, share, keep in tuning_runs(list(results))},
               "results": results}
     if diverged is not None:  # the damaged control's training loss became non-finite
         report["damaged_control_diverged"] = diverged
@@ -484,7 +510,11 @@ def report_markdown(report: dict) -> str:
           "measure that does not score it lower cannot show a loss. Supervised tokens: positions of the safety "
           "rows trained with their next token (MLE) or with the refusal token (RTO); RTO "
           "supervises every position of the harmful answer, so it gets far more gradient "
-          "per triple than a refusal or harmful-prefix row.\n\n"
+          "per triple than a refusal or harmful-prefix row. "
+          + "".join(f"`{name}`: DeRTa with RTO keep rate {spec['rto_keep_rate']:g} instead "
+                    f"of the budget's {budget['rto_keep_rate']:g}. "
+                    for name, spec in report["recipes"].items() if "rto_keep_rate" in spec)
+          + "\n\n"
           "Cells: mean ± sample std over the tuning seeds [95% t interval over seeds, "
           "clipped to [0, 1]]. The seed is the unit that is repeated independently (the "
           "seeds share the world, the base model and the prompts), so the interval is "
@@ -534,11 +564,18 @@ def _attacks_markdown(attacks: dict) -> str:
 def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "default",
               model: str = "tiny", overwrite: bool = False, *,
               base_hf_dir: str | None = None, rto_keep_rate: float | None = None,
-              recipes: Sequence[str] = RUN_CHOICES, attacks: bool = True) -> dict:
+              recipes: Sequence[str] | None = None, attacks: bool = True,
+              resume: bool = False) -> dict:
     """The whole reproduction; -> report.json content. Timings go to OUT/timings.json.
 
-    `attacks` (--no_attacks turns them off): every run (the damaged control excepted) also
-    faces the robustness attacks of budget.attacks (eval/robustness.py).
+    `recipes`: the runs besides the base (default: the track's default_runs). `attacks`
+    (--no_attacks turns them off): every run (the damaged control excepted) also faces the
+    robustness attacks of budget.attacks (eval/robustness.py).
+
+    `resume`: OUT holds an interrupted study made with the same model, budget, base and
+    attacks (OUT/study.json, written once the world and the base are ready): each finished
+    run (its RUN_RECORD) is loaded instead of redone, an unfinished one starts over, and the
+    report covers the runs asked for now. Without study.json, OUT must be empty or absent.
 
     `base_hf_dir` (smollm2 track only) replaces the imported SmolLM2 with another HF model
     directory with a chat template, e.g. a tiny random Llama in tests.
@@ -551,77 +588,161 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
                          f"{', '.join(track.budgets)}")
     if base_hf_dir is not None and not track.lora:
         raise ValueError(f"base_hf_dir is for the real-model track, not --model={model}")
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume: choose one (--overwrite starts afresh)")
+    recipes = track.default_runs if recipes is None else tuple(recipes)
     budget = track.budgets[budget_name]
     if rto_keep_rate is not None:
         if not 0.0 < rto_keep_rate <= 1.0:
             raise ValueError(f"--rto_keep_rate={rto_keep_rate}: must be in (0, 1]")
         budget = dataclasses.replace(budget, rto_keep_rate=rto_keep_rate)
-    gguf_path = smollm2_gguf() if track.lora and base_hf_dir is None else None  # before writing
-    prepare_out(out, overwrite)
+    study = {"model": model, "budget": _budget_json(budget), "attacks": attacks,
+             "base_hf_dir": base_hf_dir and os.path.abspath(base_hf_dir)}
+    resuming = resume and _matching_study(out, study)
+    gguf_path = (smollm2_gguf() if track.lora and base_hf_dir is None and not resuming
+                 else None)  # before writing
+    if not resuming:
+        prepare_out(out, overwrite)
     timer = Timer()
     start = time.perf_counter()
     world_dir = os.path.join(out, "world")
     if track.lora:
-        timer("world", _write_world, world_dir, budget, track.world_style)
-        base_hf = base_hf_dir or timer("import", import_smollm2, out, gguf_path)
+        base_hf = base_hf_dir or os.path.join(out, "base", "hf")
         base_model = base_hf
+        if not resuming:
+            timer("world", _write_world, world_dir, budget, track.world_style)
+            if base_hf_dir is None:
+                timer("import", import_smollm2, out, gguf_path)
     else:
-        tokenizer_dir = timer("world", build_world, out, budget)
-        base_hf = timer("pretrain", pretrain_base, out, budget, tokenizer_dir)
+        base_hf = os.path.join(out, "base", "hf")
         base_model = os.path.join(out, "base", "workdir")
+        if not resuming:
+            tokenizer_dir = timer("world", build_world, out, budget)
+            timer("pretrain", pretrain_base, out, budget, tokenizer_dir)
+    if not resuming:
+        _write_json(os.path.join(out, STUDY_FILE), study)
     from derta_jax.train.loop import run as train  # the attacks' fine-tunes
 
     def attack_dir(*parts):
         return os.path.join(out, *parts, "attack") if attacks else None
 
-    per_run = {(rp.BASE_NAME, None): timer("evaluate", rp.evaluate_run, base_model, world_dir,
-                                           os.path.join(out, "base", "eval"), budget,
-                                           rp.BASE_NAME, track.template,
-                                           attack_dir=attack_dir("base"), seed=BASE_SEED,
-                                           train=train)}
-    tokens = {rp.BASE_NAME: {"total": {"rows": 0, "mle": 0, "rto": 0}}}
-    for name, recipe, share in rp.RECIPE_RUNS:
-        if name not in recipes:
-            continue
+    loaded_runs, attack_seconds = 0, 0.0
+
+    def once(run_dirs: Sequence[str], work: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
+        """(evaluation, supervised tokens) of the run whose outputs are `run_dirs` (its record
+        in the first): the record when an earlier invocation finished it, else `work()`
+        after the directories of an unfinished attempt are removed, then recorded."""
+        nonlocal loaded_runs, attack_seconds
+        record = os.path.join(run_dirs[0], RUN_RECORD)
+        if os.path.isfile(record):
+            with open(record, encoding="utf-8") as f:
+                done = _rebased(json.load(f), OUT_MARK, os.path.abspath(out) + os.sep)
+            loaded_runs += 1
+            return done["evaluation"], done["tokens"]
+        for run_dir in run_dirs:  # an unfinished run of an interrupted study
+            if os.path.isdir(run_dir):
+                shutil.rmtree(run_dir)
+        evaluation, run_tokens = work()
+        attack_seconds += evaluation.get("attack_seconds", 0.0)
+        _write_json(record, _rebased({"evaluation": evaluation, "tokens": run_tokens},
+                                     os.path.abspath(out) + os.sep, OUT_MARK))
+        return evaluation, run_tokens
+
+    base_tokens = {"total": {"rows": 0, "mle": 0, "rto": 0}}
+    per_run, tokens = {}, {}
+    per_run[(rp.BASE_NAME, None)], tokens[rp.BASE_NAME] = once(
+        [os.path.join(out, "base", "eval"), os.path.join(out, "base", "attack")],
+        lambda: (timer("evaluate", rp.evaluate_run, base_model, world_dir,
+                       os.path.join(out, "base", "eval"), budget, rp.BASE_NAME,
+                       track.template, attack_dir=attack_dir("base"), seed=BASE_SEED,
+                       train=train), base_tokens))
+    for name, recipe, share, keep in tuning_runs(recipes):
         for seed in seeds:
-            tuned, tokens[name] = timer("tune", tune, out, budget, base_hf, name, recipe,
-                                        share, seed, track)
-            eval_dir = os.path.join(out, "runs", name, f"seed{seed}", "eval")
-            per_run[(name, seed)] = timer("evaluate", rp.evaluate_run, tuned, world_dir,
-                                          eval_dir, budget, f"{name} seed {seed}",
-                                          track.template, seed=seed,
-                                          attack_dir=attack_dir("runs", name, f"seed{seed}"),
-                                          train=train)
+            run_dir = os.path.join(out, "runs", name, f"seed{seed}")
+
+            def work(name=name, recipe=recipe, share=share, keep=keep, seed=seed,
+                     run_dir=run_dir):
+                tuned, run_tokens = timer("tune", tune, out, budget, base_hf, name, recipe,
+                                          share, seed, track, keep)
+                evaluation = timer("evaluate", rp.evaluate_run, tuned, world_dir,
+                                   os.path.join(run_dir, "eval"), budget, f"{name} seed {seed}",
+                                   track.template, seed=seed,
+                                   attack_dir=attack_dir("runs", name, f"seed{seed}"),
+                                   train=train)
+                return evaluation, run_tokens
+
+            per_run[(name, seed)], tokens[name] = once([run_dir], work)
     diverged = None
     if track.damaged_control and rp.DAMAGED_NAME in recipes:
         from derta_jax.train.loop import NonFiniteLossError
 
         seed = seeds[0]
+        run_dir = os.path.join(out, "runs", rp.DAMAGED_NAME, f"seed{seed}")
         damaging = dataclasses.replace(budget, tune_lr=budget.tune_lr * rp.DAMAGE_LR_FACTOR)
+
+        def damaged():
+            tuned, run_tokens = timer("tune", tune, out, damaging, base_hf, rp.DAMAGED_NAME,
+                                      rp.DAMAGED_RECIPE, 1.0, seed, track)
+            evaluation = timer("evaluate", rp.evaluate_run, tuned, world_dir,
+                               os.path.join(run_dir, "eval"), budget,
+                               f"{rp.DAMAGED_NAME} seed {seed}", track.template)
+            return evaluation, run_tokens
+
         try:
-            tuned, tokens[rp.DAMAGED_NAME] = timer("tune", tune, out, damaging, base_hf,
-                                                   rp.DAMAGED_NAME, rp.DAMAGED_RECIPE, 1.0,
-                                                   seed, track)
+            per_run[(rp.DAMAGED_NAME, seed)], tokens[rp.DAMAGED_NAME] = once([run_dir], damaged)
         except NonFiniteLossError as err:  # a control that blew up: say so, keep the study
             diverged = str(err)
             log.warning("the damaged control diverged: %s", err)
-        else:
-            eval_dir = os.path.join(out, "runs", rp.DAMAGED_NAME, f"seed{seed}", "eval")
-            per_run[(rp.DAMAGED_NAME, seed)] = timer("evaluate", rp.evaluate_run, tuned,
-                                                     world_dir, eval_dir, budget,
-                                                     f"{rp.DAMAGED_NAME} seed {seed}",
-                                                     track.template)
     report = timer("report", write_outputs, out, budget, seeds, per_run, tokens, track,
                    diverged=diverged)
     timings = {"phases_s": timer.seconds, "phases_cpu_s": timer.cpu_seconds,
-               "attacks_s_within_evaluate": sum(run.get("attack_seconds", 0.0)
-                                                for run in per_run.values()),
+               "attacks_s_within_evaluate": attack_seconds,
                "total_s": time.perf_counter() - start, "cpu_count": os.cpu_count(),
-               "runs": len(per_run), "load_average": _load_average()}
+               "runs": len(per_run), "runs_loaded": loaded_runs,
+               "load_average": _load_average()}
     with open(os.path.join(out, "timings.json"), "w", encoding="utf-8") as f:
         json.dump(timings, f, indent=2, sort_keys=True)
         f.write("\n")
     return report
+
+
+def _matching_study(out: str, study: dict) -> bool:
+    """--resume: True when OUT holds a study made as `study` says; False when OUT has no
+    study file (a fresh start; prepare_out then refuses a non-empty OUT); ValueError naming
+    the first difference otherwise."""
+    path = os.path.join(out, STUDY_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        earlier = json.load(f)
+    for key, value in study.items():
+        if earlier.get(key) != json.loads(json.dumps(value)):
+            raise ValueError(f"--resume: {path} was written with a different {key} "
+                             f"({earlier.get(key)!r}, now {value!r}); resume with the same "
+                             f"settings, or choose another --out")
+    return True
+
+
+OUT_MARK = "$OUT/"  # a run record's paths inside OUT: the study can move and still resume
+
+
+def _rebased(value, old: str, new: str):
+    """`value` with every string that starts with `old` starting with `new` instead."""
+    if isinstance(value, str):
+        return new + value[len(old):] if value.startswith(old) else value
+    if isinstance(value, dict):
+        return {key: _rebased(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rebased(item, old, new) for item in value]
+    return value
+
+
+def _write_json(path: str, value) -> None:
+    """Plain json (floats round-trip exactly: a resumed study reports the same numbers)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, sort_keys=True)
+        f.write("\n")
 
 
 def _write_world(world_dir: str, budget, style: str) -> None:
@@ -651,7 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite,
                   rto_keep_rate=args.rto_keep_rate, recipes=args.recipes,
-                  attacks=args.attacks)
+                  attacks=args.attacks, resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -77,7 +77,7 @@ def test_auto_attention_is_chosen_by_the_platform_traced_for():
     from derta_jax.models.attention import resolve_attention_impl
 
     assert [resolve_attention_impl("auto", p) for p in ("cpu", "gpu", "tpu")] == [
-        "chunked", None, "xla"]
+        "chunked", None, "splash"]
     assert resolve_attention_impl("xla", "cpu") == "xla"
     assert resolve_attention_impl("cudnn", "tpu") == "cudnn"
     assert resolve_attention_impl("auto") == "chunked"  # no mesh: this CPU backend

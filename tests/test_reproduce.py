@@ -4,6 +4,7 @@ and the helpers of derta_jax/eval/reproduction.py against slow, obviously-correc
 import json
 import math
 import os
+import shutil
 import statistics
 
 from pathlib import Path
@@ -81,12 +82,12 @@ def test_smoke_tables_have_a_row_per_recipe_and_rates_in_unit_interval(smoke_run
     assert [title for title, _, _ in tables[:paper_settings]] == [
         f"**{rp.SETTING_TITLES[prefix]}**" for prefix, *_ in rp.ATTACK_SETTINGS[:paper_settings]]
     for _, head, rows in tables:
-        assert [row[0] for row in rows] == list(rp.TABLE_ROWS)
+        assert [row[0] for row in rows] == [rp.BASE_NAME, *reproduce.TRACKS["tiny"].default_runs]
     for _, head, _ in tables[:paper_settings]:
         assert head[1:5] == ["refused", "harmful (ASR)", "neither", "degenerate"]
     with open(os.path.join(smoke_runs[0], "report.json"), encoding="utf-8") as f:
         report = json.load(f)
-    assert sorted(report["results"]) == sorted(rp.TABLE_ROWS)
+    assert sorted(report["results"]) == sorted([rp.BASE_NAME, *reproduce.TRACKS["tiny"].default_runs])
     assert report["recipes"][rp.DAMAGED_NAME] == {
             "recipe": "vanilla", "num_safety": report["recipes"]["vanilla"]["num_safety"],
             "lr_factor": rp.DAMAGE_LR_FACTOR}
@@ -217,6 +218,59 @@ def test_existing_output_is_refused_without_overwrite(smoke_runs, capsys):
     assert reproduce.main([f"--out={smoke_runs[0]}", "--budget=smoke", "--seeds=0",
                            "--compilation_cache="]) == 2
     assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+
+
+def _smoke_args(out, *extra):
+    return [f"--out={out}", "--budget=smoke", f"--seeds={SMOKE_SEEDS}", "--compilation_cache=",
+            "--no_attacks", *extra]
+
+
+def test_resume_loads_finished_runs_redoes_an_unfinished_one_and_adds_new_ones(smoke_runs,
+                                                                             tmp_path):
+    """A moved copy of the second smoke study (base + derta) resumed: the run whose record
+    is gone is tuned again from a clean directory (a stale file of the interrupted attempt
+    disappears), the finished base is loaded, and a run the first invocation never asked
+    for (DeRTa at RTO keep rate 1) is added; the shared runs' results equal the
+    uninterrupted study's to the last digit."""
+    study = tmp_path / "moved"
+    shutil.copytree(smoke_runs[1], study)
+    run_dir = study / "runs" / "derta" / "seed0"
+    (run_dir / reproduce.RUN_RECORD).unlink()
+    (run_dir / "stale.txt").write_text("from the interrupted attempt")
+    assert reproduce.main(_smoke_args(study, "--recipes=derta,derta_keep1", "--resume")) == 0
+    assert not (run_dir / "stale.txt").exists()
+    timings = json.loads((study / "timings.json").read_text())
+    assert (timings["runs"], timings["runs_loaded"]) == (3, 1)  # base loaded; 2 runs tuned
+    report = json.loads((study / "report.json").read_text())
+    original = json.loads((Path(smoke_runs[1]) / "report.json").read_text())
+    for name in (rp.BASE_NAME, "derta"):
+        assert report["results"][name] == original["results"][name], name
+    keep1 = json.loads((study / "runs/derta_keep1/seed0/workdir/config.json").read_text())
+    assert keep1["loss"]["rto_keep_rate"] == 1.0 != rp.BUDGETS["smoke"].rto_keep_rate
+    assert report["recipes"]["derta_keep1"] == {**report["recipes"]["derta"],
+                                                "rto_keep_rate": 1.0}
+    assert "derta_keep1" in (study / "report.md").read_text()
+    # nothing left to do: every run loaded, the same report again, no tuning
+    assert reproduce.main(_smoke_args(study, "--recipes=derta,derta_keep1", "--resume")) == 0
+    timings = json.loads((study / "timings.json").read_text())
+    assert (timings["runs"], timings["runs_loaded"]) == (3, 3) and "tune" not in timings["phases_s"]
+    assert json.loads((study / "report.json").read_text()) == report
+
+
+def test_resume_refuses_another_study_and_foreign_directories(smoke_runs, tmp_path, capsys):
+    out = smoke_runs[1]
+    assert reproduce.main(_smoke_args(out, "--resume", "--budget=default")) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {out}/study.json was written with a different budget" in err
+    assert reproduce.main([f"--out={out}", "--budget=smoke", "--seeds=0", "--resume",
+                           "--compilation_cache="]) == 2  # with the attacks: another study
+    assert "written with a different attacks" in capsys.readouterr().err
+    assert reproduce.main(_smoke_args(out, "--resume", "--overwrite")) == 2
+    assert "--overwrite and --resume: choose one" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("mine")
+    assert reproduce.main(_smoke_args(tmp_path, "--resume")) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_real_model_track_without_its_weights_fails_before_writing(tmp_path, capsys,

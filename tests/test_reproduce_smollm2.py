@@ -62,19 +62,29 @@ def smoke_run(stand_in_base, tmp_path_factory):
     return out, report
 
 
+RUNS = reproduce.TRACKS["smollm2"].default_runs
+
+
 def test_smoke_run_tunes_with_lora_and_evaluates_every_recipe(smoke_run):
     out, report = smoke_run
-    assert sorted(report["results"]) == sorted([rp.BASE_NAME, *rp.RECIPE_NAMES])
+    assert RUNS == ("vanilla", "derta", "derta_keep0.05")  # issue 16's track
+    assert sorted(report["results"]) == sorted([rp.BASE_NAME, *RUNS])
     assert report["model"] == "smollm2" and report["template"] == "chat"
-    for recipe in rp.RECIPE_NAMES:
+    keep_rates = {}
+    for recipe in RUNS:
         run = os.path.join(out, "runs", recipe, "seed0")
         with open(os.path.join(run, "workdir", "lora.json"), encoding="utf-8") as f:
             record = json.load(f)
         assert record["rank"] == rp.LORA_BUDGETS["smoke"].lora_rank
+        with open(os.path.join(run, "workdir", "config.json"), encoding="utf-8") as f:
+            keep_rates[recipe] = json.load(f)["loss"]["rto_keep_rate"]
         assert os.path.isfile(os.path.join(run, "hf", "config.json"))  # merged for evaluation
         with open(os.path.join(run, "eval", "generations.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         assert {row["suite"] for row in rows} == set(rp.EVAL_SUITES)
+    assert keep_rates == {"vanilla": 1.0, "derta": 1.0, "derta_keep0.05": 0.05}
+    assert report["recipes"]["derta_keep0.05"]["rto_keep_rate"] == 0.05
+    assert "rto_keep_rate" not in report["recipes"]["derta"]  # the budget's: 1.0
     assert os.path.isfile(os.path.join(out, "base", "eval", "generations.jsonl"))
     assert not os.path.exists(os.path.join(out, "base", "hf"))  # the stand-in is used in place
 

@@ -16,7 +16,9 @@ Without a cache, attention is `jax.nn.dot_product_attention` (implementation "xl
 "cudnn" from the config; "cudnn" serves training on GPU and has not been run in this
 project's CPU CI; "chunked" runs it a block of queries at a time against only the keys
 they can see, which skips the masked triangle), which performs GQA natively (query head h
-uses kv head h // group, the same grouping as Hugging Face's repeat_kv). With a cache
+uses kv head h // group, the same grouping as Hugging Face's repeat_kv); or, "splash", the
+Pallas TPU kernel of models/splash.py (sequences of a multiple of 128 tokens; others take
+the "xla" path). With a cache
 (prefill and decoding), `cached_attention` does the same arithmetic on the cache's own
 layout. The default, "auto", is chosen per platform in ONE place, `resolve_attention_impl`.
 """
@@ -31,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
+from derta_jax.models import splash
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.layers import Projection, apply_rope, rope_inverse_frequencies
 
@@ -111,7 +114,12 @@ class Attention(nnx.Module):
         v = self.v_proj(x)
         t = x.shape[1]
         implementation = resolve_attention_impl(self.implementation)
-        if cache is None and implementation == "chunked":
+        if implementation == "splash" and not splash.supports(t):
+            implementation = "xla"
+        if cache is None and implementation == "splash":
+            out = splash.splash_attention(q, k, v, segment_ids, self.sliding_window)
+            new_cache = None
+        elif cache is None and implementation == "chunked":
             out = chunked_attention(q, k, v, segment_ids, self.sliding_window)
             new_cache = None
         elif cache is None:
@@ -193,7 +201,9 @@ def resolve_attention_impl(setting: str, platform: Optional[str] = None) -> Opti
            PyTorch's; one block, so the same program, up to 128 tokens.
       gpu: None, JAX's own choice: cuDNN's fused kernel where it takes the shapes and
            dtype (bf16/fp16), else XLA.
-      tpu and others: "xla" (the Pallas splash kernel is the planned choice there).
+      tpu: "splash", the Pallas kernel (models/splash.py): memory linear in T, masked
+           blocks skipped; sequences that are not a multiple of 128 take "xla".
+      others: "xla".
     Any other setting is returned as it is."""
     if setting != "auto":
         return setting
@@ -201,7 +211,8 @@ def resolve_attention_impl(setting: str, platform: Optional[str] = None) -> Opti
         mesh = jax.sharding.get_abstract_mesh()
         platform = (mesh.abstract_device.platform if not mesh.empty and mesh.abstract_device
                     else jax.default_backend())
-    return {"cpu": "chunked", "gpu": None, "cuda": None, "rocm": None}.get(platform, "xla")
+    return {"cpu": "chunked", "gpu": None, "cuda": None, "rocm": None,
+            "tpu": "splash"}.get(platform, "xla")
 
 
 def _dot_product_attention(q, k, v, mask, implementation: Optional[str],
