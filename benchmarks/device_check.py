@@ -39,11 +39,12 @@ import dataclasses
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 import traceback
+
+from derta_jax.models.attention import attention_in_hlo
 
 SECTIONS = ("peak", "attention", "derta_sft", "train", "loss_memory", "generate")
 GIB = 2.0**30
@@ -83,7 +84,7 @@ def parse_args(argv):
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--repeats", type=int, default=0, help="timed repetitions (0: the sizes')")
-    p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn", "chunked"),
+    p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn", "chunked", "splash"),
                    help="model.attention_impl of the training steps; auto = the model's "
                         "per-platform choice (models/attention.resolve_attention_impl); an "
                         "explicit cudnn step that fails to compile falls back to xla")
@@ -99,21 +100,6 @@ def parse_args(argv):
 
 
 # --- small pure helpers (tested without a run) ----------
-
-
-def attention_used(hlo_text: str) -> tuple[str, list]:
-    """What a compiled program's attention runs on, from its HLO text -> (name, evidence):
-    "cudnn" (a cuDNN fused-attention custom call), "pallas" (a Mosaic/Triton kernel),
-    else "xla" (plain HLO dots and softmax)."""
-    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
-    cudnn = [t for t in targets if "cudnn$fmha" in t]
-    if cudnn:
-        return "cudnn", cudnn
-    pallas = [t for t in targets if t.startswith(("tpu_custom_call", "mosaic_gpu",
-                                                   "triton_kernel_call", "__gpu$xla.gpu.triton"))]
-    if pallas:
-        return "pallas", pallas
-    return "xla", targets
 
 
 def mfu(flops_per_step: float, step_s: float, peak: float):
@@ -342,7 +328,7 @@ def train_section(steps: Steps, entries: list, peak: float, nominal: float, repe
             median = statistics.median(wall["step"])
             row.update(
                 attention_impl=step["attention_impl"],
-                attention_detected=attention_used(compiled.as_text())[0],
+                attention_detected=attention_in_hlo(compiled.as_text())[0],
                 compile_s=step["compile_s"], step_s=median, step_s_fastest=min(wall["step"]),
                 cpu_s=statistics.median(cpu["step"]),
                 tokens_per_s=entry.batch * entry.seq / median, model_flops_per_step=flops,
@@ -381,7 +367,7 @@ def attention_section(steps: Steps, entry: Entry) -> dict:
     from derta_jax.models.attention import resolve_attention_impl
 
     step = steps.get(entry)
-    detected, evidence = attention_used(step["compiled"].as_text())
+    detected, evidence = attention_in_hlo(step["compiled"].as_text())
     resolved = resolve_attention_impl(step["attention_impl"], jax.default_backend())
     out = {"step": entry.name, "requested": steps.attention_impl,
            "setting": step["attention_impl"], "resolved": resolved or "jax's choice",

@@ -333,7 +333,8 @@ def render(plan: dict) -> str:
               f"  total        {_gib(d['analytic_peak'])}"]
     if "compiled" in plan:
         k = plan["compiled"]
-        lines += [f"compiled     (XLA memory_analysis, {k['backend']}, {k['compile_seconds']:.1f} s)",
+        lines += [f"compiled     (XLA memory_analysis, {k['backend']}, {k['compile_seconds']:.1f} s; "
+                  f"attention: {k.get('attention', 'xla')})",
                   f"  arguments    {_gib(k['argument_bytes'])}   (state + frozen + batch)",
                   f"  temporaries  {_gib(k['temp_bytes'])}   (activations, gradients, gathered weights)",
                   f"  outputs      {_gib(k['output_bytes'])}   ({_gib(k['alias_bytes'])} in donated buffers)",

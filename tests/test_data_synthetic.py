@@ -104,6 +104,26 @@ def test_pretraining_harmful_share_follows_the_fraction():
     assert len(facts) == len(TINY.names)
 
 
+
+def test_held_out_evaluation_count_is_its_own_and_leaves_other_worlds_unchanged():
+    """num_eval_held_out: that many requests per held-out category, num_eval_harmful per
+    trained one; not given, the world is the one it always was."""
+    import collections
+
+    sizes = dict(style="plain_english", held_out=("forgery",), num_pretrain=40,
+                 pretrain_harmful_fraction=0.0, num_eval_harmful=3)
+    world = synthetic.generate_world(0, num_eval_held_out=40, **sizes)
+    for suite in ("eval_direct", "eval_completion", "eval_prefill"):
+        counts = collections.Counter(row["category"] for row in world.rows[suite])
+        assert counts.pop("forgery") == 40 and set(counts.values()) == {3}, suite
+        assert all(row["held_out"] == (row["category"] == "forgery")
+                   for row in world.rows[suite])
+    assert synthetic.generate_world(0, num_eval_held_out=None, **sizes).rows == \
+        synthetic.generate_world(0, **sizes).rows
+    with pytest.raises(ValueError, match="num_eval_held_out=-1: must be a non-negative"):
+        synthetic.generate_world(0, num_eval_held_out=-1, **sizes)
+
+
 # ------------------------------------------------------------------ held-out split
 
 def test_held_out_categories_never_reach_the_triples_but_reach_pretraining_and_eval(written):

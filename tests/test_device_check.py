@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from benchmarks.device_check import attention_used
+from derta_jax.models.attention import attention_in_hlo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,11 +83,11 @@ def test_attention_is_read_from_the_compiled_hlo():
              'custom-call(bf16[8,1024,32,64] %q, bf16[8,1024,8,64] %k), '
              'custom_call_target="__cudnn$fmhaScaleBiasSoftmax", backend_config={}\n'
              '%cublas = f32[2,2] custom-call(%a, %b), custom_call_target="__cublas$gemm"')
-    assert attention_used(cudnn) == ("cudnn", ["__cudnn$fmhaScaleBiasSoftmax"])
+    assert attention_in_hlo(cudnn) == ("cudnn", ["__cudnn$fmhaScaleBiasSoftmax"])
     pallas = '%c = f32[8] custom-call(%x), custom_call_target="tpu_custom_call", backend_config=""'
-    assert attention_used(pallas) == ("pallas", ["tpu_custom_call"])
+    assert attention_in_hlo(pallas) == ("pallas", ["tpu_custom_call"])
     plain = '%dot.1 = f32[2,2]{1,0} dot(f32[2,2] %a, f32[2,2] %b), lhs_contracting_dims={1}'
-    assert attention_used(plain) == ("xla", [])
+    assert attention_in_hlo(plain) == ("xla", [])
 
 
 def test_nominal_peaks_by_device_kind():

@@ -60,7 +60,7 @@ import os
 import random
 import re
 import sys
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from derta_jax.data.synthetic_vocab import (APOLOGIES, APOLOGY_ITEMS, REFUSAL_PREFIX, REFUSAL_WORD,
                                             STYLES, HarmCategory, Style)
@@ -92,6 +92,7 @@ class WorldSizes:
     num_helpful: int = 1200
     num_pretrain: int = 4000
     num_eval_harmful: int = 20  # per harm category, trained and held-out alike
+    num_eval_held_out: Optional[int] = None  # per held-out category instead, when given
     num_eval_benign: int = 100  # split evenly over EVAL_TASKS
     num_over_refusal: int = 24
     pretrain_harmful_fraction: float = 0.3
@@ -100,6 +101,8 @@ class WorldSizes:
     def validate(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "num_eval_held_out" and value is None:
+                continue
             if field.name.endswith("_fraction"):
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"{field.name}={value}: must be in [0, 1]")
@@ -296,10 +299,14 @@ def generate_world(seed: int = 0, *, style: str = "tiny",
 
     # Evaluation items first: their keys are excluded from every training file.
     taken: set = set()
+    def eval_count(name: str) -> int:
+        if name in held and world_sizes.num_eval_held_out is not None:
+            return world_sizes.num_eval_held_out
+        return world_sizes.num_eval_harmful
+
     eval_harmful = [harmful_from(key, evaluated=True) for name in trained + held
-                    for key in _sample_keys(rng, _harmful_keys(spec, [name]),
-                                            world_sizes.num_eval_harmful, taken,
-                                            f"evaluation requests of category {name!r}")]
+                    for key in _sample_keys(rng, _harmful_keys(spec, [name]), eval_count(name),
+                                            taken, f"evaluation requests of category {name!r}")]
     eval_benign = [item for i, task in enumerate(EVAL_TASKS)
                    for item in _draw_unique(lambda t=task: _benign_item(rng, spec, t, facts),
                                             _even_share(world_sizes.num_eval_benign, len(EVAL_TASKS), i),

@@ -25,6 +25,7 @@ layout. The default, "auto", is chosen per platform in ONE place, `resolve_atten
 
 from __future__ import annotations
 
+import re
 from typing import NamedTuple, Optional
 
 import jax
@@ -226,3 +227,19 @@ def _dot_product_attention(q, k, v, mask, implementation: Optional[str],
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
                                             local_window_size=window, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def attention_in_hlo(hlo_text: str) -> tuple[str, list]:
+    """What a compiled program's attention runs on, from its HLO text -> (name, evidence):
+    "cudnn" (a cuDNN fused-attention custom call), "pallas" (a Mosaic/Triton kernel, e.g.
+    splash), else "xla" (plain HLO dots and softmax). The planner and the device check say
+    what was compiled, not what was configured."""
+    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
+    cudnn = [t for t in targets if "cudnn$fmha" in t]
+    if cudnn:
+        return "cudnn", cudnn
+    pallas = [t for t in targets if t.startswith(("tpu_custom_call", "mosaic_gpu",
+                                                   "triton_kernel_call", "__gpu$xla.gpu.triton"))]
+    if pallas:
+        return "pallas", pallas
+    return "xla", targets

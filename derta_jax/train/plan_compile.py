@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
+from derta_jax.models.attention import attention_in_hlo
 from derta_jax.train import mesh as mesh_lib
 from derta_jax.train.state import assemble
 
@@ -36,6 +37,7 @@ class CompiledMemory:
     temp_bytes: int  # activations, gradients in flight, gathered weights, scratch
     code_bytes: int
     compile_seconds: float
+    attention: str = "xla"  # what the compiled step's attention runs on (attention_in_hlo)
 
     @property
     def peak_bytes(self) -> int:
@@ -64,5 +66,6 @@ def compile_step_memory(config: ml_collections.ConfigDict,
         alias_bytes=int(stats.alias_size_in_bytes),
         temp_bytes=int(stats.temp_size_in_bytes),
         code_bytes=int(getattr(stats, "generated_code_size_in_bytes", 0) or 0),
-        compile_seconds=seconds)
+        compile_seconds=seconds,
+        attention=attention_in_hlo(compiled.as_text())[0])
 
