@@ -44,12 +44,17 @@ from derta_jax.paths import PathLike, resolve
 
 
 class _QuietPartialRestore(logging.Filter):
-    """Drops Orbax's warning for every checkpoint item a restore does not ask for ("Item
-    'opt_state' was found in the checkpoint, but could not be restored"): evaluation and
-    export read the parameters alone on purpose."""
+    """Drops Orbax's warnings about what every reader does on purpose: a restore that skips
+    checkpoint items ("Item 'opt_state' was found in the checkpoint, but could not be
+    restored": evaluation and export read the parameters alone) and a read-only manager
+    ("Given directory is read only=..."; each evaluation of an attack step printed both)."""
+
+    QUIET = ("was found in the checkpoint, but could not be restored",
+             "Given directory is read only=")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self.QUIET)
 
 
 logging.getLogger("absl").addFilter(_QuietPartialRestore())
@@ -198,7 +203,8 @@ def checkpoint_manager(workdir: PathLike, *, read_only: bool = False,
     can be read before a restore."""
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, read_only=read_only,
                                            create=not read_only,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           **({"save_interval_steps": 0} if read_only else {}))
     handlers = {PARAMS_ITEM: ocp.StandardCheckpointHandler()} if read_only else None
     return ocp.CheckpointManager(checkpoints_path(workdir), options=options,
                                  item_handlers=handlers)

@@ -224,6 +224,10 @@ def test_compile_for_a_real_tpu_topology():
     assert k["alias_bytes"] > 0 and k["temp_bytes"] > 0
     assert plan["headroom_bytes"] == 95 * 2**30 - k["peak_bytes"]
     assert not any("XLA:CPU" in n for n in plan["notes"])
+    assert k["attention"] == "xla"  # 64 tokens: the splash kernel takes multiples of 128
+    config.data.max_length = 128
+    plan = planner.make_plan(config, 4, parse_topology("v5p-8"), compile_on="tpu")
+    assert plan["compiled"]["attention"] == "pallas"  # auto on TPU: the splash kernel
 
 
 def _cli(*args):

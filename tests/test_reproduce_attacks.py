@@ -41,6 +41,9 @@ def test_every_attack_is_in_the_run_report(attacked):
             assert len(by_suite[suite]) == direct * len(attacks.finetune_steps)
         record = json.loads((attacked / run / "attack" / "robustness.json").read_text())
         assert 0 <= record["direction"]["layer"] < record["direction"]["layers_considered"]
+        assert sorted(record["seconds_per_attack"]) == ["ablated_direct", "finetune",
+                                                        "rank_prefill"]
+        assert sum(record["seconds_per_attack"].values()) <= record["seconds"]
         # the attacks trained with the project's trainer, a checkpoint at every K
         for objective in ("sft", "constrained_sft"):
             workdir = attacked / run / "attack" / objective

@@ -153,15 +153,19 @@ class LoraBudget:
 _LORA_WORLD = dict(num_triples=300, num_helpful=1200, num_pretrain=40,
                    pretrain_harmful_fraction=0.0, num_over_refusal=24)
 LORA_BUDGETS = {
-    # SmolLM2-135M-Instruct, measured: a LoRA step (8 x 192 tokens) costs ~17 CPU seconds
-    # (~8 s on 2 idle cores), plus ~100 CPU s per run to load and compile. Sized for under
-    # an hour on an otherwise idle 2-core CPU for one seed (docs/reproduction/smollm2/).
-    "default": LoraBudget(name="default", world=dict(_LORA_WORLD, num_eval_harmful=5,
+    # SmolLM2-135M-Instruct, issue 16's track: base, vanilla, DeRTa at both RTO keep rates,
+    # 3 seeds, 40 held-out harmful prompts per suite (2 per trained category besides), every
+    # attack. Measured on the 2-core VM (session 11, a probe at 80 prompts per suite): a
+    # LoRA step of 8 x 128 tokens ~8 s (24 steps + compile + merge ~220 s a run), the paper's
+    # suites ~190 s, the attacks ~850 s a run (robustness.json now times each attack). At
+    # these sizes that extrapolates to ~2.7 hours for 10 runs: over the 2-hour goal until
+    # the attacks' cost is cut (issue 16); --resume continues an interrupted track.
+    "default": LoraBudget(name="default", world=dict(_LORA_WORLD, num_eval_harmful=2,
+                                                     num_eval_held_out=40,
                                                      num_eval_benign=30),
-                          num_safety=120, tune_steps=32, batch_size=8, max_length=192,
-                          tune_lr=1e-3, lora_rank=16, lora_alpha=32.0, max_new_tokens=40,
+                          num_safety=120, tune_steps=24, batch_size=8, max_length=128,
+                          tune_lr=1e-3, lora_rank=16, lora_alpha=32.0, max_new_tokens=32,
                           prefill_depths=(0, 10, 30),
-                          # not yet sized to the 2-hour goal (issue 16): K = 5 and 10 only
                           attacks=AttackBudget(finetune_steps=(5, 10), finetune_rows=16,
                                                finetune_lr=2e-4, direction_prompts=16,
                                                safe_triggers=True)),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 FINETUNE_SUITES = {"sft": "finetune_sft", "constrained_sft": "finetune_constrained"}
@@ -196,16 +197,27 @@ def robustness_rows(loaded, tokenizer, model_path: str, world_dir: str, attack_d
 
     judge = judge_factory(tokenizer)
     direct = build_suite("direct", os.path.join(world_dir, "eval_direct.jsonl"), template)
-    rows = rank_prefill_rows(loaded, tokenizer, world_dir, budget, template, judge)
-    ablated, direction = ablation_rows(loaded, tokenizer, world_dir, budget, template, judge,
-                                       direct)
+    seconds: dict[str, float] = {}  # per attack: what a budget's size costs
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            seconds[name] = time.perf_counter() - start
+
+    rows = timed("rank_prefill", rank_prefill_rows, loaded, tokenizer, world_dir, budget,
+                 template, judge)
+    ablated, direction = timed("ablated_direct", ablation_rows, loaded, tokenizer, world_dir,
+                               budget, template, judge, direct)
     rows += ablated
     if budget.attacks.safe_triggers:
-        rows += safe_trigger_rows(loaded, tokenizer, budget, template)
-    tuned, losses = finetune_rows(model_path, wd.is_workdir(model_path), world_dir,
-                                  attack_dir, budget, template_name, seed, judge_factory,
-                                  direct, train)
+        rows += timed("safe_triggers", safe_trigger_rows, loaded, tokenizer, budget, template)
+    tuned, losses = timed("finetune", finetune_rows, model_path, wd.is_workdir(model_path),
+                          world_dir, attack_dir, budget, template_name, seed, judge_factory,
+                          direct, train)
     rows += tuned
     record = {"direction": direction, "finetune": {
-        **dataclasses.asdict(budget.attacks), "last_loss": losses}}
+        **dataclasses.asdict(budget.attacks), "last_loss": losses},
+        "seconds_per_attack": seconds}
     return rows, record
