@@ -155,20 +155,24 @@ _LORA_WORLD = dict(num_triples=300, num_helpful=1200, num_pretrain=40,
 LORA_BUDGETS = {
     # SmolLM2-135M-Instruct, issue 16's track: base, vanilla, DeRTa at both RTO keep rates,
     # 3 seeds, 40 held-out harmful prompts per suite (2 per trained category besides), every
-    # attack. Measured on the 2-core VM (session 11, a probe at 80 prompts per suite): a
-    # LoRA step of 8 x 128 tokens ~8 s (24 steps + compile + merge ~220 s a run), the paper's
-    # suites ~190 s, the attacks ~850 s a run (robustness.json now times each attack). At
-    # these sizes that extrapolates to ~2.7 hours for 10 runs: over the 2-hour goal until
-    # the attacks' cost is cut (issue 16); --resume continues an interrupted track.
+    # attack. Measured on the 2-core VM (session 11; the base run at 54 prompts a suite,
+    # batch-8 attacks, 32 new tokens): a LoRA step of 8 x 128 tokens ~8 s (24 steps,
+    # compile and merge ~220 s a run), the paper's suites ~130 s, the attacks 569 s (harmful
+    # fine-tuning 338, refusal direction 144, rank-assisted prefill 59, safe_triggers 27):
+    # ~2.5 hours for the 10 runs. Cut to an estimated ~2.2 hours: 20 tuning steps and the
+    # attack at batch 4 (40 examples by K=10, 2.5 epochs of its 16 rows). Fewer new tokens
+    # would cut more, but a harmful answer's first step ends 30-37 tokens in and the
+    # look-alikes' helpful answers run to 49: 32 keeps most of both readable.
+    # --resume continues an interrupted track.
     "default": LoraBudget(name="default", world=dict(_LORA_WORLD, num_eval_harmful=2,
                                                      num_eval_held_out=40,
                                                      num_eval_benign=30),
-                          num_safety=120, tune_steps=24, batch_size=8, max_length=128,
+                          num_safety=120, tune_steps=20, batch_size=8, max_length=128,
                           tune_lr=1e-3, lora_rank=16, lora_alpha=32.0, max_new_tokens=32,
                           prefill_depths=(0, 10, 30),
                           attacks=AttackBudget(finetune_steps=(5, 10), finetune_rows=16,
-                                               finetune_lr=2e-4, direction_prompts=16,
-                                               safe_triggers=True)),
+                                               finetune_lr=2e-4, finetune_batch=4,
+                                               direction_prompts=16, safe_triggers=True)),
     # For CI: every step of the pipeline, numbers meaningless.
     "smoke": LoraBudget(name="smoke",
                         world=dict(num_triples=12, num_helpful=24, num_pretrain=40,
