@@ -296,6 +296,10 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--ablate_direction={args.ablate_direction}: a direction of "
                              f"{len(ablated['direction'])} numbers for a model of hidden size "
                              f"{loaded.config.hidden_size}")
+        if not 0 <= ablated["layer"] < loaded.config.num_layers:
+            raise ValueError(f"--ablate_direction={args.ablate_direction}: layer "
+                             f"{ablated['layer']} is out of range for a model of "
+                             f"{loaded.config.num_layers} layers (another model's direction?)")
         model = loaded.model = orthogonalized(model, ablated["direction"])
     template = None if args.suite == "completion" else make_template(
         args.template, tokenizer, system=args.system)

@@ -132,3 +132,7 @@ def test_cli_finds_a_direction_and_evaluate_ablates_it(tiny_model_dir, tmp_path,
     assert evaluate(["--model", tiny_model_dir, "--suite", "direct", "--prompts", harmful,
                      "--out", str(tmp_path / "f"), "--ablate_direction", str(bad)]) == 2
     assert "a direction of 2 numbers for a model of hidden size 32" in capsys.readouterr().err
+    bad.write_text(json.dumps({"layer": 99, "direction": record["direction"]}))
+    assert evaluate(["--model", tiny_model_dir, "--suite", "direct", "--prompts", harmful,
+                     "--out", str(tmp_path / "g"), "--ablate_direction", str(bad)]) == 2
+    assert "layer 99 is out of range for a model of 2 layers" in capsys.readouterr().err
