@@ -124,6 +124,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(cores())
     shape = setup.BenchShape(**{f: getattr(args, f) for f in vars(setup.BenchShape())})
     hf_model, model, _ = setup.build_models(shape, attention_impl="auto")
+    if attention_lib.resolve_attention_impl("auto") != "chunked":
+        raise SystemExit("step_profile: the attention stand-in replaces the chunked attention, "
+                         "CPU's choice; run it on a CPU backend")
     batch, _ = setup.derta_and_sft_batches(shape, refusal_id=3, prompt_len=max(1, shape.seq // 4))
     full, compiled = jax_runner(model, batch, stand_in=False)
     without, _ = jax_runner(model, batch, stand_in=True)

@@ -74,6 +74,7 @@ GENERATIONS_FILE = "generations.jsonl.gz"
 ATTACK_PLOTS = ("asr_vs_rank_prefill.png", "durability_sft.png", "durability_constrained.png")
 ATTACK_PLOTS_SUITES = ("rank_prefill", "finetune_sft", "finetune_constrained")
 OUTPUTS = ("world", "base", "runs", "xla_cache", "report.md", "report.json", "timings.json",
+           "study.json",
            GENERATIONS_FILE,
            "asr_vs_prefill.png", "asr_vs_prefill_held_out.png", "refusal_positions.png",
            "refusal_probability.png", *ATTACK_PLOTS)
@@ -110,7 +111,7 @@ parse_seeds = int_list("seeds", "seeds", "0,1,2", distinct=True)
 
 
 RUN_CHOICES = rp.RECIPE_NAMES + tuple(rp.KEEP_RATE_RUNS) + (rp.DAMAGED_NAME,)
-STUDY_FILE = "study.json"  # what a run in OUT was made with: --resume checks it
+STUDY_FILE = "study.json"  # what a run in OUT was made with: --resume checks it (in OUTPUTS)
 RUN_RECORD = "run.json"  # a finished run's evaluation: --resume loads it, never redoes it
 
 
@@ -590,6 +591,7 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         raise ValueError(f"base_hf_dir is for the real-model track, not --model={model}")
     if overwrite and resume:
         raise ValueError("--overwrite and --resume: choose one (--overwrite starts afresh)")
+    out = os.path.abspath(out)  # run records store paths inside OUT relative to it
     recipes = track.default_runs if recipes is None else tuple(recipes)
     budget = track.budgets[budget_name]
     if rto_keep_rate is not None:
@@ -635,8 +637,7 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         nonlocal loaded_runs, attack_seconds
         record = os.path.join(run_dirs[0], RUN_RECORD)
         if os.path.isfile(record):
-            with open(record, encoding="utf-8") as f:
-                done = _rebased(json.load(f), OUT_MARK, os.path.abspath(out) + os.sep)
+            done = _rebased(_read_json(record), OUT_MARK, os.path.abspath(out) + os.sep)
             loaded_runs += 1
             return done["evaluation"], done["tokens"]
         for run_dir in run_dirs:  # an unfinished run of an interrupted study
@@ -713,8 +714,7 @@ def _matching_study(out: str, study: dict) -> bool:
     path = os.path.join(out, STUDY_FILE)
     if not os.path.isfile(path):
         return False
-    with open(path, encoding="utf-8") as f:
-        earlier = json.load(f)
+    earlier = _read_json(path)
     for key, value in study.items():
         if earlier.get(key) != json.loads(json.dumps(value)):
             raise ValueError(f"--resume: {path} was written with a different {key} "
@@ -738,11 +738,24 @@ def _rebased(value, old: str, new: str):
 
 
 def _write_json(path: str, value) -> None:
-    """Plain json (floats round-trip exactly: a resumed study reports the same numbers)."""
+    """Plain json (floats round-trip exactly: a resumed study reports the same numbers),
+    written whole or not at all (a temporary file renamed): a study killed mid-write
+    leaves no truncated record behind."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    partial = path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(value, f, sort_keys=True)
         f.write("\n")
+    os.replace(partial, path)
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--resume: {path} is not a record this command wrote ({err}); "
+                         f"remove it to redo that part") from None
 
 
 def _write_world(world_dir: str, budget, style: str) -> None:

@@ -122,6 +122,8 @@ def test_held_out_evaluation_count_is_its_own_and_leaves_other_worlds_unchanged(
         synthetic.generate_world(0, **sizes).rows
     with pytest.raises(ValueError, match="num_eval_held_out=-1: must be a non-negative"):
         synthetic.generate_world(0, num_eval_held_out=-1, **sizes)
+    assert synthetic._parse_args(["--out=x", "--num_eval_held_out=40"]).num_eval_held_out == 40
+    assert synthetic._parse_args(["--out=x"]).num_eval_held_out is None
 
 
 # ------------------------------------------------------------------ held-out split

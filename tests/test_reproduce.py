@@ -271,6 +271,12 @@ def test_resume_refuses_another_study_and_foreign_directories(smoke_runs, tmp_pa
     assert reproduce.main(_smoke_args(tmp_path, "--resume")) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+    study = tmp_path / "study"  # a record cut short (written by something else: ours rename)
+    shutil.copytree(out, study)
+    record = study / "base" / "eval" / reproduce.RUN_RECORD
+    record.write_text(record.read_text()[:100])
+    assert reproduce.main(_smoke_args(study, "--resume")) == 2
+    assert f"--resume: {record} is not a record this command wrote" in capsys.readouterr().err
 
 
 def test_real_model_track_without_its_weights_fails_before_writing(tmp_path, capsys,

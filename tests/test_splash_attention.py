@@ -13,14 +13,14 @@ from derta_jax.models.attention import _dot_product_attention, attention_mask
 B, T, N, K, HD = 2, 256, 4, 2, 32
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, rows=B):
     rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal((B, T, heads, HD), np.float32) for heads in (N, K, K))
-    segments = np.ones((B, T), np.int32)
+    q, k, v = (rng.standard_normal((rows, T, heads, HD), np.float32) for heads in (N, K, K))
+    segments = np.ones((rows, T), np.int32)
     segments[0, 100:] = 2  # two packed rows
     segments[0, 230:] = 0  # padding after them
     segments[1, 200:] = 0
-    weights = rng.standard_normal((B, T, N, HD), np.float32)
+    weights = rng.standard_normal((rows, T, N, HD), np.float32)
     return [jnp.asarray(x) for x in (q, k, v, segments, weights)]
 
 
@@ -52,13 +52,16 @@ def test_splash_equals_the_xla_path_in_values_and_gradients(window):
     assert float(jnp.abs(ref_grads[1]).max()) > 0.1  # gradients that could fail
 
 
-def test_splash_under_a_mesh_splits_rows_and_heads():
-    """8 fake devices as data 2 x tensor 2 (x fsdp 2, which the 2 rows leave whole): each
-    device's kernel sees its own rows and heads, and the result is the XLA path's."""
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])  # the trainer's mesh is Auto
+def test_splash_under_a_mesh_splits_rows_and_heads(axis_type):
+    """8 fake devices as data 2 x fsdp 2 x tensor 2: each device's kernel sees its own one
+    of the 4 rows and its half of the heads, and the result is the XLA path's."""
+    from jax.sharding import AxisType
+
     assert len(jax.devices()) >= 8  # tests/conftest.py's XLA_FLAGS
-    q, k, v, segments, weights = _inputs(1)
+    q, k, v, segments, weights = _inputs(1, rows=4)
     mesh = jax.make_mesh((2, 2, 2, 1), ("data", "fsdp", "tensor", "expert"),
-                         devices=jax.devices()[:8])
+                         devices=jax.devices()[:8], axis_types=(getattr(AxisType, axis_type),) * 4)
     with jax.set_mesh(mesh):
         (loss, grads), out = _value_and_grads(_splash, q, k, v, segments, weights, None)
         lowered = jax.jit(_splash, static_argnums=4).lower(q, k, v, segments, None).as_text()
@@ -67,6 +70,27 @@ def test_splash_under_a_mesh_splits_rows_and_heads():
     np.testing.assert_allclose(out, ref_out, atol=2e-5)
     for grad, ref in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref, atol=5e-5)
+
+
+def test_rows_go_to_the_batch_axes_that_divide_them():
+    class Mesh:
+        shape = {"data": 2, "fsdp": 4}
+
+    assert splash._row_axes(8, ["data", "fsdp"], Mesh) == ("data", "fsdp")
+    assert splash._row_axes(4, ["data", "fsdp"], Mesh) == ("fsdp",)  # the larger that divides
+    assert splash._row_axes(2, ["data", "fsdp"], Mesh) == ("data",)
+    assert splash._row_axes(3, ["data", "fsdp"], Mesh) == ()
+
+
+def test_splash_off_tpu_is_refused_naming_the_setting():
+    from derta_jax.models.attention import resolve_attention_impl
+
+    assert resolve_attention_impl("splash", "tpu") == "splash"
+    for platform in ("cpu", "gpu"):
+        with pytest.raises(ValueError, match="model.attention_impl=splash: the Pallas splash "
+                                             f"kernel runs on TPU only; this step is traced "
+                                             f"for {platform}"):
+            resolve_attention_impl("splash", platform)
 
 
 def test_block_sizes_and_what_the_kernel_takes():
@@ -85,8 +109,12 @@ def test_the_model_takes_the_splash_path_only_where_the_kernel_fits(monkeypatch)
     from derta_jax.models.config import ModelConfig
     from derta_jax.models.transformer import Transformer
 
+    from derta_jax.models import attention as attention_lib
+
     calls = []
     real = splash.splash_attention
+    monkeypatch.setattr(attention_lib, "resolve_attention_impl",
+                        lambda setting, platform=None: setting)  # as if traced for TPU
     monkeypatch.setattr(splash, "splash_attention", lambda *a, **kw: calls.append(a[0].shape)
                         or real(*a, **kw, interpret=True))
     config = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,

@@ -520,8 +520,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--held_out", default=",".join(DEFAULT_HELD_OUT),
                         help="comma-separated harm categories kept out of the safety triples")
     for field in dataclasses.fields(WorldSizes):
-        parser.add_argument(f"--{field.name}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        parser.add_argument(f"--{field.name}", type=int if default is None else type(default),
+                            default=default)
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
     return parser.parse_args(argv)
 

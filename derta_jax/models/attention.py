@@ -205,13 +205,19 @@ def resolve_attention_impl(setting: str, platform: Optional[str] = None) -> Opti
       tpu: "splash", the Pallas kernel (models/splash.py): memory linear in T, masked
            blocks skipped; sequences that are not a multiple of 128 take "xla".
       others: "xla".
-    Any other setting is returned as it is."""
-    if setting != "auto":
+    Any other setting is returned as it is; "splash" off TPU is a ValueError (the Pallas
+    kernel is TPU code)."""
+    if setting not in ("auto", "splash"):
         return setting
     if platform is None:
         mesh = jax.sharding.get_abstract_mesh()
         platform = (mesh.abstract_device.platform if not mesh.empty and mesh.abstract_device
                     else jax.default_backend())
+    if setting == "splash":
+        if platform != "tpu":
+            raise ValueError(f"model.attention_impl=splash: the Pallas splash kernel runs on "
+                             f"TPU only; this step is traced for {platform} (use auto)")
+        return setting
     return {"cpu": "chunked", "gpu": None, "cuda": None, "rocm": None,
             "tpu": "splash"}.get(platform, "xla")
 

@@ -13,9 +13,11 @@ grouped-query attention native (query head h reads kv head h // group), the scal
 1/sqrt(head_dim) applied to q first, as the kernel expects.
 
 Sharding: inside jit the kernel is a custom call, which XLA cannot partition, so it runs
-under jax.shard_map over the mesh being traced for: rows over the batch axes, heads over
-`tensor` when it divides both the query and the kv heads (else whole), each device
-attending its own rows and heads. The sequence is never split.
+under jax.shard_map over the mesh being traced for: rows over the batch axes (those whose
+sizes divide the rows), heads over `tensor` when it divides both the query and the kv heads
+(else whole), each device attending its own rows and heads. The sequence is never split.
+It is a TPU kernel: `model.attention_impl=splash` on another platform is refused
+(models/attention.resolve_attention_impl).
 
 `interpret=True` runs the kernel in Pallas' interpreter on any backend: how the numerics are
 tested on CPU (tests/test_splash_attention.py).
@@ -80,6 +82,15 @@ def _attend(q, k, v, segment_ids, sliding_window: Optional[int], interpret: bool
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
+def _row_axes(rows: int, axes: list, mesh) -> tuple:
+    """The batch axes to split `rows` over: all of them when their product divides `rows`,
+    else the larger single axis that does (else none: every device attends every row)."""
+    if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0:
+        return tuple(axes)
+    fitting = [a for a in axes if rows % mesh.shape[a] == 0]
+    return (max(fitting, key=lambda a: mesh.shape[a]),) if fitting else ()
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                      sliding_window: Optional[int], *, interpret: bool = False) -> jax.Array:
     """q [B,T,N,Hd], k and v [B,T,K,Hd], segment_ids [B,T] -> [B,T,N,Hd]: causal
@@ -91,9 +102,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     free = [] if mesh.empty else [a for a in mesh.axis_names if a not in mesh.manual_axes]
     if not free:
         return _attend(q, k, v, segment_ids, sliding_window, interpret)
-    rows = tuple(a for a in BATCH_AXES if a in free and mesh.shape[a] > 1)
-    if rows and b % math.prod(mesh.shape[a] for a in rows):
-        rows = ()
+    rows = _row_axes(b, [a for a in BATCH_AXES if a in free and mesh.shape[a] > 1], mesh)
     tensor = mesh.shape.get("tensor", 1) if "tensor" in free else 1
     heads = "tensor" if tensor > 1 and n % tensor == 0 and kv_heads % tensor == 0 else None
     lead = rows if len(rows) > 1 else (rows[0] if rows else None)
