@@ -159,8 +159,9 @@ LORA_BUDGETS = {
     # batch-8 attacks, 32 new tokens): a LoRA step of 8 x 128 tokens ~8 s (24 steps,
     # compile and merge ~220 s a run), the paper's suites ~130 s, the attacks 569 s (harmful
     # fine-tuning 338, refusal direction 144, rank-assisted prefill 59, safe_triggers 27):
-    # ~2.5 hours for the 10 runs. Cut to an estimated ~2.2 hours: 20 tuning steps and the
-    # attack at batch 4 (40 examples by K=10, 2.5 epochs of its 16 rows). Fewer new tokens
+    # ~2.5 hours for the 10 runs. Cut with 20 tuning steps and the attack at batch 4 (40
+    # examples by K=10, 2.5 epochs of its 16 rows): measured then, the base run ~630 s and
+    # each tuned run ~740 s, ~2.1 hours for the 10 (docs/robustness.md). Fewer new tokens
     # would cut more, but a harmful answer's first step ends 30-37 tokens in and the
     # look-alikes' helpful answers run to 49: 32 keeps most of both readable.
     # --resume continues an interrupted track.
