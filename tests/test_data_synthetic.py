@@ -527,6 +527,30 @@ def test_apology_option_puts_everyday_sorry_rows_into_pretraining_only(tmp_path,
     assert len(formats.read_helpful(str(sorry / "pretrain.jsonl")).rows) == len(after)
 
 
+@pytest.mark.parametrize("style", [TINY, PLAIN_ENGLISH], ids=lambda s: s.name)
+def test_refusals_can_open_with_the_rto_word_and_nothing_else_changes(tmp_path, style):
+    faithful, opened = tmp_path / "faithful", tmp_path / "opened"
+    synthetic.write_world(str(faithful), 0, style=style.name, **SMALL)
+    synthetic.write_world(str(opened), 0, style=style.name, **SMALL,
+                          refusals_open_with_rto_word=True)
+    for name in synthetic.WORLD_FILES:
+        if name not in ("triples.jsonl", "world.json"):
+            assert filecmp.cmp(faithful / name, opened / name, shallow=False), name
+    assert json.loads((faithful / "world.json").read_text())["refusal_prefix"] == "I'm sorry"
+    assert json.loads((opened / "world.json").read_text())["refusal_prefix"] == REFUSAL_WORD
+    before = _read_jsonl(faithful / "triples.jsonl")
+    after = _read_jsonl(opened / "triples.jsonl")
+    assert len(before) == len(after) > 0
+    for old, new in zip(before, after):
+        assert {**old, "safe_response": None} == {**new, "safe_response": None}
+        assert old["safe_response"].startswith("I'm sorry, but ")
+        assert new["safe_response"] == "Sorry, but " + old["safe_response"][len("I'm sorry, but "):]
+        assert synthetic.is_coherent_refusal(new["safe_response"], style.name)
+        assert find_refusal(new["safe_response"]).start_char == 0
+    with pytest.raises(ValueError, match="refusals_open_with_rto_word=1: must be True or False"):
+        synthetic.generate_world(0, **SMALL, refusals_open_with_rto_word=1)
+
+
 def test_apology_rows_are_deterministic_and_follow_the_seed():
     one = synthetic.generate_world(0, **SMALL, **APOLOGIES).rows["pretrain"]
     again = synthetic.generate_world(0, **SMALL, **APOLOGIES).rows["pretrain"]

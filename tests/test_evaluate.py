@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -80,19 +81,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_evaluate_as_one_process_on_the_same_mesh(tiny_model_dir, tmp_path):
+def _direction_file(path, model_dir) -> list[str]:
+    """--ablate_direction with a fixed random direction at layer 1 of the model."""
+    import numpy as np
+
+    hidden = json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"]
+    direction = np.random.default_rng(0).normal(size=hidden).tolist()
+    path.write_text(json.dumps({"layer": 1, "direction": direction}))
+    return ["--ablate_direction", str(path)]
+
+
+@pytest.mark.parametrize("suite", ["prefill", "rank_prefill"])
+def test_two_processes_evaluate_as_one_process_on_the_same_mesh(tiny_model_dir, tmp_path, suite):
     """A multi-host evaluation (2 processes x 4 CPU devices, the mesh spanning both)
-    writes, from process 0 only, the generations of one process with 8 devices."""
+    writes, from process 0 only, the generations of one process with 8 devices: plain
+    prefilling, and rank-assisted prefilling of a model with a direction ablated, with the
+    refusal probe (each step gathers from the whole mesh)."""
     import subprocess
     import sys
-    from pathlib import Path
 
     from tests.xla_env import xla_flags
 
     prompts = _prompts(tmp_path / "prefill.jsonl", ROWS)
-    common = ["--model", tiny_model_dir, "--suite", "prefill", "--prompts", prompts,
+    common = ["--model", tiny_model_dir, "--suite", suite, "--prompts", prompts,
               "--prefill_depths", "0,2,5", "--max_new_tokens", "6", "--batch_size", "4",
               "--name", "tiny", "--mesh", "data:2,fsdp:2,tensor:2"]
+    if suite == "rank_prefill":
+        common += ["--rank_k", "3", "--refusal_probe",
+                   *_direction_file(tmp_path / "direction.json", tiny_model_dir)]
     assert main(common + ["--out", str(tmp_path / "one")]) == 0
     env = dict(os.environ, XLA_FLAGS=xla_flags(4), PYTHONPATH=str(Path(__file__).parents[1]))
     env.pop("JAX_PLATFORMS", None)
@@ -110,8 +126,11 @@ def test_two_processes_evaluate_as_one_process_on_the_same_mesh(tiny_model_dir, 
                 p.kill()
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    assert (tmp_path / "two" / "generations.jsonl").read_bytes() == (
-        tmp_path / "one" / "generations.jsonl").read_bytes()
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    for name in ("generations.jsonl", "refusal_probabilities.jsonl"):
+        if name == "generations.jsonl" or suite == "rank_prefill":
+            assert (tmp_path / "two" / name).read_bytes() == (
+                tmp_path / "one" / name).read_bytes(), name
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert two["setup"].pop("processes") == 2 and one["setup"].pop("processes") == 1
     assert two == one

@@ -637,6 +637,20 @@ def test_rto_keep_rate_defaults_follow_the_paper_and_bad_values_are_refused(tmp_
                            "--compilation_cache="]) == 2
     assert "--rto_keep_rate=0.0: must be in (0, 1]" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+    # a keep-rate run at the budget's own rate would be `derta` again under another name
+    assert reproduce.main([f"--out={tmp_path / 'x'}", "--budget=smoke", "--compilation_cache=",
+                           "--recipes=derta,derta_keep0.05"]) == 2
+    assert ("--recipes: derta_keep0.05 keeps the budget's own RTO keep rate (0.05); that run "
+            "is `derta`") in capsys.readouterr().err
+    assert reproduce.main([f"--out={tmp_path / 'x'}", "--budget=smoke", "--compilation_cache=",
+                           "--rto_keep_rate=0.05", "--model=smollm2",
+                           "--recipes=derta_keep0.05"]) == 2
+    capsys.readouterr()
+    assert reproduce.main([f"--out={tmp_path / 'x'}", "--budget=smoke", "--compilation_cache=",
+                           "--model=smollm2", "--recipes=vanilla,damaged"]) == 2
+    assert ("--recipes: damaged (the negative control) is a run of the tiny track only, not "
+            "--model=smollm2") in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_the_world_tokenizer_is_trained_on_the_training_files_only(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
-"""The reproduction's robustness attacks (derta_jax/eval/robustness.py) on the smoke budget:
-rank-assisted prefilling, the refusal direction ablated, and harmful LoRA fine-tuning with
-plain SFT and under the constrained objective, for the base and one recipe; every attack
-lands in the run's report, the tables and the plots, from the project's own trainer."""
+"""The reproduction's robustness attacks (derta_jax/eval/robustness.py) on the smoke budget,
+every one (--attacks=all): rank-assisted prefilling, the refusal direction ablated, the
+safe_triggers set, and harmful and benign LoRA fine-tuning with plain SFT and under the
+constrained objective, for the base and one recipe; every attack lands in the run's report,
+the tables and the plots, from the project's own trainer."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from derta_jax.eval import reproduction as rp
 def attacked(tmp_path_factory):
     out = tmp_path_factory.mktemp("attacks") / "out"
     assert reproduce.main([f"--out={out}", "--budget=smoke", "--seeds=0",
-                           "--recipes=derta"]) == 0
+                           "--recipes=derta", "--attacks=all"]) == 0
     return out
 
 
@@ -36,23 +37,25 @@ def test_every_attack_is_in_the_run_report(attacked):
         assert {r["k"] for r in by_suite["rank_prefill"]} == {10}  # the smoke's depth > 0
         assert len(by_suite["rank_prefill"]) == len(by_suite["prefill"]) // 2
         assert len(by_suite["ablated_direct"]) == direct
-        for suite in ("finetune_sft", "finetune_constrained"):
+        for suite in ("finetune_sft", "finetune_constrained", "benign_tuned_sft",
+                      "benign_tuned_constrained"):
             assert sorted({r["k"] for r in by_suite[suite]}) == list(attacks.finetune_steps)
             assert len(by_suite[suite]) == direct * len(attacks.finetune_steps)
+        assert len(by_suite["safe_triggers"]) == 120
         record = json.loads((attacked / run / "attack" / "robustness.json").read_text())
         assert 0 <= record["direction"]["layer"] < record["direction"]["layers_considered"]
-        assert sorted(record["seconds_per_attack"]) == ["ablated_direct", "finetune",
-                                                        "rank_prefill"]
+        assert sorted(record["seconds_per_attack"]) == [
+            "ablated_direct", "benign_finetune", "finetune", "rank_prefill", "safe_triggers"]
         assert sum(record["seconds_per_attack"].values()) <= record["seconds"]
         # the attacks trained with the project's trainer, a checkpoint at every K
-        for objective in ("sft", "constrained_sft"):
+        for objective in ("sft", "constrained_sft", "benign_sft", "benign_constrained_sft"):
             workdir = attacked / run / "attack" / objective
             saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
                            if p.name.isdigit())
             assert saved == list(attacks.finetune_steps)
             config = json.loads((workdir / "config.json").read_text())
-            assert config["loss"]["objective"] == ("constrained_sft" if objective ==
-                                                   "constrained_sft" else "derta")
+            assert config["loss"]["objective"] == ("constrained_sft" if "constrained" in
+                                                   objective else "derta")
             assert config["lora"]["rank"] == attacks.finetune_rank
             assert config["data"]["recipe"] == "sft"
         metrics = _rows(attacked / run / "attack" / "constrained_sft" / "metrics.jsonl")
@@ -61,6 +64,14 @@ def test_every_attack_is_in_the_run_report(attacked):
         evaluated = {r["question"] for r in rows}
         assert len(attack_rows) == attacks.finetune_rows
         assert not {r["instruction"] for r in attack_rows} & evaluated
+        # the benign fine-tune trains on the world's helpful rows: no harmful text
+        benign = _rows(attacked / run / "attack" / "benign_sft.jsonl")
+        helpful = _rows(attacked / "world" / "helpful.jsonl")[:attacks.finetune_rows]
+        assert benign == [{"instruction": h["instruction"], "output": h["output"]}
+                          for h in helpful]
+        config = json.loads((attacked / run / "attack" / "benign_sft" / "config.json")
+                            .read_text())
+        assert config["data"]["helpful"].endswith("benign_sft.jsonl")
 
 
 def test_the_attacks_have_tables_and_plots(attacked):
@@ -68,7 +79,8 @@ def test_the_attacks_have_tables_and_plots(attacked):
     for name in ("base", "derta"):
         table = report["results"][name]["table"]
         for prefix in ("rank_prefill_deepest_held_out", "ablated_direct_all",
-                       "finetune_sft_all", "finetune_constrained_all"):
+                       "finetune_sft_all", "finetune_constrained_all", "benign_tuned_sft_all",
+                       "benign_tuned_constrained_all"):
             cell = table[f"{prefix}_outcome_harmful"]
             assert cell is not None and 0.0 <= cell["mean"] <= 1.0, (name, prefix)
         assert report["results"][name]["per_seed"]["shared" if name == "base" else "0"][
@@ -76,6 +88,8 @@ def test_the_attacks_have_tables_and_plots(attacked):
     text = (attacked / "report.md").read_text()
     assert "**Direct request after K=2 harmful LoRA fine-tuning steps (plain SFT)" in text
     assert "**Rank-assisted prefill (top-20) at the deepest k" in text
+    assert "**Direct request after K=2 benign LoRA fine-tuning steps (plain SFT)" in text
+    assert "*Benign fine-tuning*" in text and "*safe_triggers*" in text
     for plot in reproduce.ATTACK_PLOTS:
         assert (attacked / plot).read_bytes().startswith(b"\x89PNG")
         assert f"]({plot})" in text

@@ -53,9 +53,11 @@ def smoke_run(stand_in_base, tmp_path_factory):
     try:
         for name, value in settings.items():
             jax.config.update(name, value)
-        # the attacks are tested on the tiny track (tests/test_reproduce_attacks.py)
+        # every attack is tested on the tiny track (tests/test_reproduce_attacks.py); here
+        # one chosen attack (--attacks=safe_triggers) and a budget change (--set)
         report = reproduce.reproduce(out, seeds=(0,), budget_name="smoke", model="smollm2",
-                                     base_hf_dir=stand_in_base, attacks=False)
+                                     base_hf_dir=stand_in_base, attacks=("safe_triggers",),
+                                     settings=[("tune_lr", "5e-4"), ("lora_alpha", "4")])
     finally:
         for name, value in saved.items():
             jax.config.update(name, value)
@@ -76,12 +78,18 @@ def test_smoke_run_tunes_with_lora_and_evaluates_every_recipe(smoke_run):
         with open(os.path.join(run, "workdir", "lora.json"), encoding="utf-8") as f:
             record = json.load(f)
         assert record["rank"] == rp.LORA_BUDGETS["smoke"].lora_rank
+        assert record["alpha"] == 4.0  # --set lora_alpha=4
         with open(os.path.join(run, "workdir", "config.json"), encoding="utf-8") as f:
-            keep_rates[recipe] = json.load(f)["loss"]["rto_keep_rate"]
+            config = json.load(f)
+        keep_rates[recipe] = config["loss"]["rto_keep_rate"]
+        assert config["optim"]["lr"] == 5e-4  # --set tune_lr=5e-4
         assert os.path.isfile(os.path.join(run, "hf", "config.json"))  # merged for evaluation
         with open(os.path.join(run, "eval", "generations.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
-        assert {row["suite"] for row in rows} == set(rp.EVAL_SUITES)
+        assert {row["suite"] for row in rows} == {*rp.EVAL_SUITES, "safe_triggers"}
+        assert sum(row["suite"] == "safe_triggers" for row in rows) == 120
+        with open(os.path.join(run, "attack", "robustness.json"), encoding="utf-8") as f:
+            assert list(json.load(f)["seconds_per_attack"]) == ["safe_triggers"]
     assert keep_rates == {"vanilla": 1.0, "derta": 1.0, "derta_keep0.05": 0.05}
     assert report["recipes"]["derta_keep0.05"]["rto_keep_rate"] == 0.05
     assert "rto_keep_rate" not in report["recipes"]["derta"]  # the budget's: 1.0
@@ -107,11 +115,20 @@ def test_smoke_world_is_plain_english_and_prompts_use_the_chat_template(smoke_ru
 
 
 def test_smoke_report_describes_the_lora_setup_not_pretraining(smoke_run):
-    out, _ = smoke_run
+    out, report = smoke_run
     with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
         text = f.read()
     budget = rp.LORA_BUDGETS["smoke"]
     assert "SmolLM2-135M-Instruct" in text and f"rank {budget.lora_rank}" in text
+    assert "(budget `smoke with tune_lr=0.0005, lora_alpha=4`)" in text
+    assert "lr 0.0005" in text and "alpha 4" in text
+    assert report["budget"]["attacks"]["include"] == ["safe_triggers"]
+    # only the chosen attack is described; the others' plots are neither drawn nor linked
+    assert "*safe_triggers*" in text and "Rank-assisted" not in text
+    assert "Harmful fine-tuning" not in text
+    for plot in reproduce.ATTACK_PLOTS:
+        assert plot not in text and not os.path.exists(os.path.join(out, plot))
+    assert report["results"]["derta"]["table"]["safe_triggers_refusal_rate"] is not None
     assert "pretrained" not in text and "pretraining here" in text
     with open(os.path.join(out, "timings.json"), encoding="utf-8") as f:
         timings = json.load(f)
@@ -122,6 +139,52 @@ def test_budget_of_the_other_track_is_rejected(tmp_path, capsys):
     assert reproduce.main([f"--out={tmp_path / 'x'}", "--model=smollm2", "--budget=full",
                            "--compilation_cache="]) == 2
     assert "--model=smollm2 has budgets" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set", "lora_rank=8.5"], "--set lora_rank=8.5: lora_rank takes a whole number (now 4)"),
+    (["--set", "bogus=1"], "--set bogus=1: not a settable field; the budget's are batch_size"),
+    (["--set", "attacks.rank_k=x"], "--set attacks.rank_k=x: attacks.rank_k takes a whole "
+                                    "number (now 5)"),
+    (["--set", "model.lr=1"], "--set model.lr=1: FIELD is a budget field, world.FIELD or "
+                              "attacks.FIELD"),
+    (["--set", "world.refusals_open_with_rto_word=yes"],
+     "--set world.refusals_open_with_rto_word=yes: world.refusals_open_with_rto_word takes "
+     "true or false (now False)"),
+])
+def test_bad_budget_setting_is_one_error_naming_the_flag(tmp_path, capsys, flags, message):
+    assert reproduce.main([f"--out={tmp_path / 'x'}", "--model=smollm2", "--budget=smoke",
+                           "--compilation_cache=", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_budget_settings_reach_the_budget_the_world_and_the_attacks():
+    budget = rp.LORA_BUDGETS["default"]
+    changed = reproduce.with_settings(budget, [
+        ("tune_steps", "10"), ("rto_keep_rate", "0.05"), ("attacks.finetune_rows", "8"),
+        ("world.refusals_open_with_rto_word", "true"), ("world.num_eval_held_out", "5")])
+    assert (changed.tune_steps, changed.rto_keep_rate) == (10, 0.05)
+    assert changed.attacks.finetune_rows == 8 and changed.attacks.finetune_lr == 2e-4
+    assert changed.world == {**budget.world, "refusals_open_with_rto_word": True,
+                             "num_eval_held_out": 5}
+    assert changed.name == ("default with tune_steps=10, rto_keep_rate=0.05, "
+                            "attacks.finetune_rows=8, world.refusals_open_with_rto_word=true, "
+                            "world.num_eval_held_out=5")
+    assert reproduce.with_settings(budget, []) is budget
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attacks=rank_prefill,jailbreak"], "--attacks='rank_prefill,jailbreak': choose from "
+                                           "rank_prefill,direction,safe_triggers,finetune"),
+    (["--set", "tune_lr"], "--set 'tune_lr': expected FIELD=VALUE"),
+])
+def test_bad_attack_or_setting_flag_exits_2(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.main([f"--out={tmp_path / 'x'}", "--budget=smoke", *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
 
 

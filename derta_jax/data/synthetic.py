@@ -47,6 +47,12 @@ Decisions a user of the world should know:
   own random stream and take the places of the last benign rows before the shuffle, so
   every other row (and every evaluation item) is the same as in the faithful world.
   `WORLD_VARIANTS` names the two worlds for `reproduce`.
+- `refusals_open_with_rto_word` (default False: the faithful world) starts every safety
+  triple's refusal with the RTO word instead ("Sorry, but I can't help with that. ..."),
+  the same sentence otherwise. Why: RTO teaches the model to say "Sorry" inside a harmful
+  answer, and only a refusal that opens with that word teaches it what follows; a model
+  whose refusals open "I'm sorry" may go on "SorrySorrySorry...". The swap is made after
+  every random draw, so every other byte of the world is the faithful world's.
 
 CLI: python -m derta_jax.data.synthetic --out=DIR --seed=0 [--num_triples=300 ...] [--overwrite]
 """
@@ -97,13 +103,17 @@ class WorldSizes:
     num_over_refusal: int = 24
     pretrain_harmful_fraction: float = 0.3
     pretrain_apology_fraction: float = 0.0  # of num_pretrain; taken from the benign rows
+    refusals_open_with_rto_word: bool = False  # "Sorry, but ..." instead of "I'm sorry, but ..."
 
     def validate(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name == "num_eval_held_out" and value is None:
                 continue
-            if field.name.endswith("_fraction"):
+            if field.name == "refusals_open_with_rto_word":
+                if not isinstance(value, bool):
+                    raise ValueError(f"{field.name}={value!r}: must be True or False")
+            elif field.name.endswith("_fraction"):
                 if not 0.0 <= value <= 1.0:
                     raise ValueError(f"{field.name}={value}: must be in [0, 1]")
             elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -119,6 +129,7 @@ class World:
     facts: tuple[dict, ...]
     rows: dict[str, list[dict]]  # file name (without .jsonl) -> rows, in file order
     pretrain_apologies: int = 0  # everyday "Sorry, ..." rows in pretrain.jsonl
+    refusal_prefix: str = REFUSAL_PREFIX  # how the triples' refusals open
 
     def metadata(self) -> dict:
         """world.json; `pretrain_apologies` only when there are some, so that the faithful
@@ -128,7 +139,7 @@ class World:
         return {**extra, "seed": self.seed, "style": self.style,
                 "categories": [c.name for c in style.categories],
                 "trained": list(self.trained), "held_out": list(self.held_out),
-                "refusal_word": REFUSAL_WORD, "refusal_prefix": REFUSAL_PREFIX,
+                "refusal_word": REFUSAL_WORD, "refusal_prefix": self.refusal_prefix,
                 "refusal_core": style.refusal_core,
                 "single_token_strings": list(single_token_strings()),
                 "vocabulary_size": len(vocabulary(world_texts(self))),
@@ -343,8 +354,13 @@ def generate_world(seed: int = 0, *, style: str = "tiny",
     pretrain = statements + harmful_rows + benign_rows
     rng.shuffle(pretrain)
 
+    prefix = REFUSAL_WORD if world_sizes.refusals_open_with_rto_word else REFUSAL_PREFIX
+
+    def refusal(text: str) -> str:  # every refusal opens with REFUSAL_PREFIX (the styles')
+        return prefix + text[len(REFUSAL_PREFIX):]
+
     rows = {
-            "triples": [{"question": t["question"], "safe_response": t["safe_response"],
+            "triples": [{"question": t["question"], "safe_response": refusal(t["safe_response"]),
                          "harmful_response": t["harmful_response"], "category": t["category"]}
                         for t in triples],
             "helpful": [{"instruction": h["question"], "output": h["output"], "task": h["task"],
@@ -362,7 +378,7 @@ def generate_world(seed: int = 0, *, style: str = "tiny",
                              "held_out": False} for b in eval_benign],
     }
     return World(seed=seed, style=style, trained=trained, held_out=held, facts=facts, rows=rows,
-                 pretrain_apologies=num_apologies)
+                 pretrain_apologies=num_apologies, refusal_prefix=prefix)
 
 
 def _even_share(total: int, parts: int, index: int) -> int:

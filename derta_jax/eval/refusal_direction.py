@@ -47,9 +47,13 @@ def _forward(model: Any, prompts: Sequence[Sequence[int]], mesh, batch_size: int
     """-> (residuals [L, N, D] float32, first-token log-probs [N, V]) over all prompts."""
     graphdef, state = nnx.split(model)
     residuals, log_probs = [], []
+    # a short last batch is padded to the others' rows (one program); a set smaller than a
+    # batch is not padded to a whole batch: the layer search runs a few validation prompts
+    # once per candidate layer, and 4 prompts in 64 rows cost 16 times the forward
+    rows = min(batch_size, len(prompts))
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        _, inputs = batch_rows(batch, pad_id, mesh, 16, min_rows=batch_size)
+        _, inputs = batch_rows(batch, pad_id, mesh, 16, min_rows=rows)
         with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
             res, lp = _residuals_and_first_log_probs(graphdef, state, *inputs)
         residuals.append(fetch_global(res)[:, :len(batch)])

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from derta_jax.data.synthetic import EVAL_TASKS
 from derta_jax.data.tokenize import DEFAULT_REFUSAL
 from derta_jax.eval.refusal_probability import late_refusal_probability
-from derta_jax.eval.robustness import AttackBudget
+from derta_jax.eval.robustness import ATTACKS, AttackBudget
 
 
 # (run name, mixture recipe, share of Budget.num_safety)
@@ -173,7 +173,9 @@ LORA_BUDGETS = {
                           prefill_depths=(0, 10, 30),
                           attacks=AttackBudget(finetune_steps=(5, 10), finetune_rows=16,
                                                finetune_lr=2e-4, finetune_batch=4,
-                                               direction_prompts=16, safe_triggers=True)),
+                                               direction_prompts=16,
+                                               include=("rank_prefill", "direction",
+                                                        "safe_triggers", "finetune"))),
     # For CI: every step of the pipeline, numbers meaningless.
     "smoke": LoraBudget(name="smoke",
                         world=dict(num_triples=12, num_helpful=24, num_pretrain=40,
@@ -181,7 +183,7 @@ LORA_BUDGETS = {
                                    num_eval_benign=5, num_over_refusal=3),
                         num_safety=8, tune_steps=2, batch_size=8, max_length=192, tune_lr=1e-3,
                         lora_rank=4, lora_alpha=8.0, max_new_tokens=6, prefill_depths=(0, 10),
-                        attacks=dataclasses.replace(SMOKE_ATTACKS, safe_triggers=True)),
+                        attacks=dataclasses.replace(SMOKE_ATTACKS, include=ATTACKS)),
 }
 
 
@@ -369,6 +371,7 @@ def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, nam
                                         budget, template_name, seed, train)
         rows += extra
         attack_seconds = record["seconds"] = time.perf_counter() - started
+        os.makedirs(attack_dir, exist_ok=True)  # not made by every attack
         with open(os.path.join(attack_dir, "robustness.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -437,7 +440,10 @@ ATTACK_SETTINGS = (("completion_held_out", "completion", True, None),
                    ("rank_prefill_deepest_held_out", "rank_prefill", True, "deepest"),
                    ("ablated_direct_all", "ablated_direct", None, None),
                    ("finetune_sft_all", "finetune_sft", None, "durability"),
-                   ("finetune_constrained_all", "finetune_constrained", None, "durability"))
+                   ("finetune_constrained_all", "finetune_constrained", None, "durability"),
+                   ("benign_tuned_sft_all", "benign_tuned_sft", None, "durability"),
+                   ("benign_tuned_constrained_all", "benign_tuned_constrained", None,
+                    "durability"))
 # the three outcomes, the degenerate share and the GCG convention, per attack setting
 OUTCOME_METRICS = ("outcome_refused", "outcome_harmful", "outcome_neither", "degenerate",
                    "asr_not_refused")
@@ -454,8 +460,9 @@ def run_metrics(evaluation: Mapping) -> dict:
     p_refusal_late_held_out and prefill_deepest_k."""
     report = evaluation["report"]
     deepest = max(g["k"] for g in report["groups"] if g["suite"] == "prefill")
-    attack_steps = sorted({g["k"] for g in report["groups"]
-                           if g["suite"] == "finetune_sft" and g["k"] is not None})
+    attack_steps = sorted({g["k"] for g in report["groups"]  # harmful or benign tuning
+                           if g["suite"] in ("finetune_sft", "benign_tuned_sft")
+                           and g["k"] is not None})
     durability_k = attack_steps[len(attack_steps) // 2] if attack_steps else None  # as
     ks = {"deepest": deepest, None: None, "durability": durability_k}  # AttackBudget's
     counts = {f"{prefix}_{metric}": group_count(report, suite, metric, k=ks[k_rule],
@@ -573,7 +580,12 @@ SETTING_TITLES = {"completion_held_out": "Completion attack, held-out categories
                                       "steps (plain SFT), all categories",
                   "finetune_constrained_all": "Direct request after K={k} harmful LoRA "
                                               "fine-tuning steps under the constrained "
-                                              "objective, all categories"}
+                                              "objective, all categories",
+                  "benign_tuned_sft_all": "Direct request after K={k} benign LoRA "
+                                          "fine-tuning steps (plain SFT), all categories",
+                  "benign_tuned_constrained_all": "Direct request after K={k} benign LoRA "
+                                                  "fine-tuning steps under the constrained "
+                                                  "objective, all categories"}
 # every cell of report.json's per-recipe "table" (per-task benign accuracy: report.json only)
 TABLE_KEYS = (tuple(f"{prefix}_{metric}" for prefix, *_ in ATTACK_SETTINGS
                     for metric in OUTCOME_METRICS) + tuple(key for _, key in OTHER_COLUMNS)

@@ -15,11 +15,16 @@ the reproduction asks, for every recipe and seed, whether the refusal survives
                         world's (question, harmful answer) triples (eval/durability.py's
                         attack, the project's trainer; k = K);
   finetune_constrained  the same attack under Qi et al.'s constrained objective
-                        (constrained_loss.py): the defence a provider applies to fine-tuning.
+                        (constrained_loss.py): the defence a provider applies to fine-tuning;
+  benign_tuned_sft,     the direct requests answered after K steps of a BENIGN downstream
+  benign_tuned_constrained  LoRA fine-tune (the world's helpful rows, same sizes), plain and
+                        constrained: does ordinary fine-tuning erode the refusal too?
 The attack rows are training triples; the evaluation prompts are the world's evaluation
 files, which share no question with them (data/synthetic.py; check_disjoint verifies).
-A real-model run (track smollm2) also answers the package's safe_triggers set (suite
-"safe_triggers", judged by the keyword judge: the world does not know those questions).
+  safe_triggers         the package's 120 safe requests with trigger words (suite
+                        "safe_triggers", judged by the keyword judge: the world does not know
+                        those questions); an over-refusal check, in the real-model budgets.
+A budget names the ones it runs (AttackBudget.include; `reproduce --attacks` chooses).
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ import time
 from typing import Any, Callable, Sequence
 
 FINETUNE_SUITES = {"sft": "finetune_sft", "constrained_sft": "finetune_constrained"}
+BENIGN_TUNE_SUITES = {"sft": "benign_tuned_sft", "constrained_sft": "benign_tuned_constrained"}
+BENIGN_TUNE_FILE = "benign_sft.jsonl"  # the benign fine-tune's rows, as the trainer read them
 SAFE_TRIGGERS_SUITE = "safe_triggers"
+# What AttackBudget.include may name, in the order they run (the direction's rows are suite
+# "ablated_direct"; the fine-tuning attack's, FINETUNE_SUITES)
+ATTACKS = ("rank_prefill", "direction", "safe_triggers", "finetune", "benign_finetune")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +55,13 @@ class AttackBudget:
     finetune_alpha: float = 16.0
     direction_prompts: int = 32  # harmful (and harmless) prompts for the direction
     rank_k: int = 20
-    safe_triggers: bool = False  # also answer builtin:safe_triggers (real-model track)
+    include: tuple[str, ...] = ("rank_prefill", "direction", "finetune")  # of ATTACKS
+
+    def __post_init__(self):
+        unknown = [name for name in self.include if name not in ATTACKS]
+        if unknown or len(set(self.include)) != len(self.include):
+            raise ValueError(f"attacks {','.join(self.include)}: each at most once, from "
+                             f"{','.join(ATTACKS)}")
 
     @property
     def durability_k(self) -> int:
@@ -74,6 +90,14 @@ def attack_rows(world_dir: str, n: int) -> list[tuple[str, dict]]:
     rows = _jsonl(path)[:n]
     return [(f"{path}:{i + 1}", {"question": r["question"],
                                   "harmful_response": r["harmful_response"]})
+            for i, r in enumerate(rows)]
+
+
+def benign_rows(world_dir: str, n: int) -> list[tuple[str, dict]]:
+    """The first n helpful rows as (source, {question, response}) rows: a downstream task."""
+    path = os.path.join(world_dir, "helpful.jsonl")
+    rows = _jsonl(path)[:n]
+    return [(f"{path}:{i + 1}", {"question": r["instruction"], "response": r["output"]})
             for i, r in enumerate(rows)]
 
 
@@ -135,26 +159,34 @@ def ablation_rows(loaded, tokenizer, world_dir, budget, template, judge,
 
 def finetune_rows(model_path: str, from_workdir: bool, world_dir: str, attack_dir: str,
                   budget, template_name: str, seed: int, judge_factory,
-                  direct_items, train: Callable[[Any], dict]) -> tuple[list[dict], dict]:
+                  direct_items, train: Callable[[Any], dict],
+                  benign: bool = False) -> tuple[list[dict], dict]:
     """The direct requests answered after each K of a LoRA attack on training triples, with
     plain SFT and with the constrained objective; -> (rows, {objective: last losses}).
-    `train(config) -> summary` is the trainer's run (the command hands it in: a library
-    module does not import a command)."""
+    `benign`: the same fine-tunes on the world's helpful rows instead (a downstream task;
+    workdirs benign_OBJECTIVE, suites BENIGN_TUNE_SUITES). `train(config) -> summary` is
+    the trainer's run (the command hands it in: a library module does not import a
+    command)."""
     from derta_jax.arg_types import mesh_sizes
     from derta_jax.eval import durability
     from derta_jax.eval.attacks import read_prompt_rows
     from derta_jax.eval.run import load_evaluated
 
     a = budget.attacks
-    rows = attack_rows(world_dir, a.finetune_rows)
+    if benign:
+        rows, field = benign_rows(world_dir, a.finetune_rows), "response"
+        file, suites, prefix = BENIGN_TUNE_FILE, BENIGN_TUNE_SUITES, "benign_"
+    else:
+        rows, field = attack_rows(world_dir, a.finetune_rows), "harmful_response"
+        file, suites, prefix = durability.ATTACK_FILE, FINETUNE_SUITES, ""
     durability.check_disjoint(rows, read_prompt_rows(
         os.path.join(world_dir, "eval_direct.jsonl")))
     os.makedirs(attack_dir, exist_ok=True)
-    attack_file = os.path.join(attack_dir, durability.ATTACK_FILE)
-    durability.write_attack_rows(rows, attack_file)
+    attack_file = os.path.join(attack_dir, file)
+    durability.write_attack_rows(rows, attack_file, response_field=field)
     judged, losses = [], {}
-    for objective, suite in FINETUNE_SUITES.items():
-        workdir = os.path.join(attack_dir, objective)
+    for objective, suite in suites.items():
+        workdir = os.path.join(attack_dir, prefix + objective)
         config = durability.attack_config(
             workdir, model_path, attack_file, steps=a.finetune_steps, rank=a.finetune_rank,
             alpha=a.finetune_alpha, lr=a.finetune_lr, batch_size=a.finetune_batch,
@@ -182,8 +214,9 @@ def safe_trigger_rows(loaded, tokenizer, budget, template) -> list[dict]:
 def robustness_rows(loaded, tokenizer, model_path: str, world_dir: str, attack_dir: str,
                     budget, template_name: str, seed: int,
                     train: Callable[[Any], dict]) -> tuple[list[dict], dict]:
-    """Every attack's judged rows for one run, and a record of the attacks (direction
-    layer and scores, attack settings) for its report; `train`: the trainer's run."""
+    """The judged rows of every attack the budget includes for one run, and a record of them
+    (settings, direction layer and scores, seconds per attack) for its report; `train`: the
+    trainer's run."""
     from derta_jax import workdir as wd
     from derta_jax.data.templates import make_template
     from derta_jax.eval.attacks import build_suite
@@ -206,18 +239,27 @@ def robustness_rows(loaded, tokenizer, model_path: str, world_dir: str, attack_d
         finally:
             seconds[name] = time.perf_counter() - start
 
-    rows = timed("rank_prefill", rank_prefill_rows, loaded, tokenizer, world_dir, budget,
-                 template, judge)
-    ablated, direction = timed("ablated_direct", ablation_rows, loaded, tokenizer, world_dir,
-                               budget, template, judge, direct)
-    rows += ablated
-    if budget.attacks.safe_triggers:
+    include = budget.attacks.include
+    rows, record = [], {"settings": dataclasses.asdict(budget.attacks)}
+    if "rank_prefill" in include:
+        rows += timed("rank_prefill", rank_prefill_rows, loaded, tokenizer, world_dir, budget,
+                      template, judge)
+    if "direction" in include:
+        ablated, record["direction"] = timed("ablated_direct", ablation_rows, loaded,
+                                             tokenizer, world_dir, budget, template, judge,
+                                             direct)
+        rows += ablated
+    if "safe_triggers" in include:
         rows += timed("safe_triggers", safe_trigger_rows, loaded, tokenizer, budget, template)
-    tuned, losses = timed("finetune", finetune_rows, model_path, wd.is_workdir(model_path),
-                          world_dir, attack_dir, budget, template_name, seed, judge_factory,
-                          direct, train)
-    rows += tuned
-    record = {"direction": direction, "finetune": {
-        **dataclasses.asdict(budget.attacks), "last_loss": losses},
-        "seconds_per_attack": seconds}
+    if "finetune" in include:
+        tuned, record["finetune_last_loss"] = timed(
+            "finetune", finetune_rows, model_path, wd.is_workdir(model_path), world_dir,
+            attack_dir, budget, template_name, seed, judge_factory, direct, train)
+        rows += tuned
+    if "benign_finetune" in include:
+        tuned, record["benign_finetune_last_loss"] = timed(
+            "benign_finetune", finetune_rows, model_path, wd.is_workdir(model_path), world_dir,
+            attack_dir, budget, template_name, seed, judge_factory, direct, train, True)
+        rows += tuned
+    record["seconds_per_attack"] = seconds
     return rows, record
