@@ -129,18 +129,22 @@ def tuning_runs(recipes: Sequence[str]) -> list[tuple[str, str, float, float | N
     return [run for run in runs if run[0] in recipes]
 
 
+def _chosen(flag: str, text: str, choices: Sequence[str], also: str = "") -> tuple[str, ...]:
+    """--flag=a,b -> the named choices in `choices`' order; ArgumentTypeError otherwise."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names or [name for name in names if name not in choices]:
+        raise argparse.ArgumentTypeError(f"--{flag}={text!r}: choose from "
+                                          f"{','.join(choices)}{also}")
+    return tuple(name for name in choices if name in names)
+
+
 def parse_attacks(text: str) -> tuple[str, ...]:
     """--attacks=rank_prefill,finetune -> those attacks, in the order they run; all; none."""
     from derta_jax.eval.robustness import ATTACKS
 
     if text.strip() in ("all", "none"):
         return ATTACKS if text.strip() == "all" else ()
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in ATTACKS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"--attacks={text!r}: choose from "
-                                          f"{','.join(ATTACKS)}, or all, or none")
-    return tuple(name for name in ATTACKS if name in names)
+    return _chosen("attacks", text, ATTACKS, ", or all, or none")
 
 
 def parse_setting(text: str) -> tuple[str, str]:
@@ -210,12 +214,7 @@ def _typed(value: str, kind: type):
 
 def parse_recipes(text: str) -> tuple[str, ...]:
     """--recipes=vanilla,derta -> the chosen runs, in the study's order."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in RUN_CHOICES]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"--recipes={text!r}: choose from "
-                                          f"{','.join(RUN_CHOICES)}")
-    return tuple(name for name in RUN_CHOICES if name in names)
+    return _chosen("recipes", text, RUN_CHOICES)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -749,7 +748,8 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
     if same:  # it would be `derta` again under another name
         raise ValueError(f"--recipes: {same[0]} keeps the budget's own RTO keep rate "
                          f"({budget.rto_keep_rate:g}); that run is `derta`")
-    study = {"model": model, "budget": _budget_json(budget), "attacks": attacks,
+    # checked in this order: attacks on or off is named before the budget that holds them
+    study = {"model": model, "attacks": attacks, "budget": _budget_json(budget),
              "base_hf_dir": base_hf_dir and os.path.abspath(base_hf_dir)}
     resuming = resume and _matching_study(out, study)
     gguf_path = (smollm2_gguf() if track.lora and base_hf_dir is None and not resuming
