@@ -518,7 +518,9 @@ def _print_section(name: str, result: dict) -> None:
               f"prompts; {cells}", flush=True)
 
 
-def run(args, sizes: Sizes) -> dict:
+def run(args, sizes: Sizes, save=lambda results: None) -> dict:
+    """Runs the chosen sections; `save(results)` after each one, so a run cut short (a
+    lease that ends, a hung kernel) keeps every section it finished."""
     import jax
 
     from benchmarks.timing import load1, load_average
@@ -570,6 +572,7 @@ def run(args, sizes: Sizes) -> dict:
         result["seconds"] = time.perf_counter() - section_start
         results["sections"][name] = result
         _print_section(name, result)
+        save(results)
     info = _load_info(load1_before)
     results.update(load=info, load_after=load_average(), seconds=time.perf_counter() - start,
                    failed=[n for n, r in results["sections"].items() if "error" in r])
@@ -589,15 +592,23 @@ def main(argv=None) -> int:
         return 2
     if not args.cpu_smoke:  # BUILD.md's setting for training on a GPU (before jax starts)
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
-    results = run(args, CPU_SMOKE if args.cpu_smoke else DEVICE)
-    if os.path.exists(args.out) and not args.overwrite:  # appeared while this ran
-        print(f"error: --out={args.out} appeared during the run; not replaced (pass "
-              f"--overwrite)", file=sys.stderr)
+    written = []  # this run's own file may be replaced; one that appears meanwhile may not
+
+    def save(results: dict) -> bool:
+        if os.path.exists(args.out) and not args.overwrite and not written:
+            print(f"error: --out={args.out} appeared during the run; not replaced (pass "
+                  f"--overwrite)", file=sys.stderr)
+            return False
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({**results, "finished": "failed" in results}, f, indent=2, default=str)
+        os.replace(tmp, args.out)
+        written.append(True)
+        return True
+
+    results = run(args, CPU_SMOKE if args.cpu_smoke else DEVICE, save)
+    if not save(results):
         return 2
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.replace(tmp, args.out)
     failed = results["failed"]
     print(f"wrote {args.out} in {results['seconds']:.0f} s"
           f"{'; FAILED: ' + ', '.join(failed) if failed else ''}", flush=True)

@@ -36,6 +36,7 @@ def test_cpu_smoke_writes_every_section_and_refuses_to_overwrite(tmp_path):
     assert set(s) == {"device", "peak", "attention", "derta_sft", "train", "loss_memory",
                       "generate"}
     assert not result["failed"] and not any("error" in v for v in s.values())
+    assert result["finished"] is True
 
     assert isinstance(s["device"]["kind"], str) and s["device"]["kind"]
     assert s["device"]["nominal_peak_flops"] is None  # a CPU has no spec peak
@@ -76,6 +77,22 @@ def test_cpu_smoke_writes_every_section_and_refuses_to_overwrite(tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip() == f"error: --out={out} exists; pass --overwrite to replace it"
     assert out.read_bytes() == before
+
+
+def test_each_finished_section_is_saved_before_the_next_starts():
+    """A lease can end mid-run: what was measured must already be on disk."""
+    import argparse
+
+    from benchmarks import device_check
+
+    args = argparse.Namespace(sections=["peak", "loss_memory"], repeats=1,
+                              attention_impl="auto", cpu_smoke=True, argv=["--cpu_smoke"])
+    saved = []
+    results = device_check.run(args, device_check.CPU_SMOKE,
+                               lambda r: saved.append(json.loads(json.dumps(r, default=str))))
+    assert [list(s["sections"]) for s in saved] == [["device", "peak"],
+                                                    ["device", "peak", "loss_memory"]]
+    assert all("failed" not in s for s in saved) and results["failed"] == []
 
 
 def test_attention_is_read_from_the_compiled_hlo():
