@@ -11,6 +11,8 @@ answered by one run (under 8 minutes on one H100/H200):
            on: step time, tokens/s, MFU against the measured and the nominal peak;
   attention  the attention implementation set (model.attention_impl) and what the compiled
            step actually runs, read from its HLO (cuDNN fused attention, Pallas, or XLA);
+  attention_parity  what auto runs here (and cuDNN, on a GPU) against XLA's float32 path on
+           packed, padded rows: output and gradient errors, next to XLA's own in bf16;
   derta_sft  the same compiled step on a DeRTa batch and on its plain-SFT twin, interleaved:
            the cost of the RTO positions;
   loss_memory  XLA's compiled memory for loss + gradient at V=128256, chunked against
@@ -46,7 +48,11 @@ import traceback
 
 from derta_jax.models.attention import attention_in_hlo
 
-SECTIONS = ("peak", "attention", "derta_sft", "train", "loss_memory", "generate")
+SECTIONS = ("peak", "attention", "attention_parity", "derta_sft", "train", "loss_memory",
+            "generate")
+# (batch, seq, heads, kv heads, head dim, sliding window) of the attention parity check:
+# lengths that are and are not a multiple of 64, GQA, a window, a head dim of 128
+PARITY_SHAPES = ((2, 256, 8, 2, 64, None), (2, 200, 8, 2, 64, None), (2, 256, 8, 4, 128, 64))
 GIB = 2.0**30
 
 
@@ -368,12 +374,86 @@ def attention_section(steps: Steps, entry: Entry) -> dict:
 
     step = steps.get(entry)
     detected, evidence = attention_in_hlo(step["compiled"].as_text())
-    resolved = resolve_attention_impl(step["attention_impl"], jax.default_backend())
+    cfg = steps.base_cfg
+    resolved = resolve_attention_impl(step["attention_impl"], jax.default_backend(),
+                                      dtype=cfg.dtype, head_dim=cfg.head_dim, seq_len=entry.seq)
     out = {"step": entry.name, "requested": steps.attention_impl,
-           "setting": step["attention_impl"], "resolved": resolved or "jax's choice",
+           "setting": step["attention_impl"], "resolved": resolved,
            "detected": detected, "custom_calls": evidence}
     if "attention_fallback" in step:
         out["fallback"] = step["attention_fallback"]
+    return out
+
+
+def _relative_error(x, ref) -> float:
+    import numpy as np
+
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def attention_parity_section(accelerator: bool) -> dict:
+    """A fast kernel must compute the same function: the attention `auto` runs on this
+    device (and cuDNN's, on a GPU, also at lengths auto keeps from it) against XLA's path
+    in float32 on the same packed and padded rows, output and q/k/v gradients as
+    ||x - ref|| / ||ref||. The yardstick is XLA's path in the compute dtype; auto fails
+    the section if its error exceeds three times that (or 1e-4 in float32), or is NaN."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from derta_jax.models.attention import resolve_attention_impl, self_attention
+
+    dtype = jnp.bfloat16 if accelerator else jnp.float32
+    dtype_name = jnp.dtype(dtype).name
+    rows, failures = [], []
+    for b, t, n, kv, hd, window in PARITY_SHAPES:
+        keys = jax.random.split(jax.random.key(t * hd + kv), 4)
+        q = jax.random.normal(keys[0], (b, t, n, hd), jnp.float32)
+        k = jax.random.normal(keys[1], (b, t, kv, hd), jnp.float32)
+        v = jax.random.normal(keys[2], (b, t, kv, hd), jnp.float32)
+        cotangent = jax.random.normal(keys[3], (b, t, n, hd), jnp.float32)
+        segments = np.zeros((b, t), np.int32)  # row 0: two documents and padding; row 1: one
+        segments[0, : t // 3], segments[0, t // 3: t - 7] = 1, 2
+        segments[1, : t - t // 4] = 1
+
+        def outputs(setting, compute_dtype):
+            def f(q, k, v):
+                out = self_attention(q.astype(compute_dtype), k.astype(compute_dtype),
+                                     v.astype(compute_dtype), segments, window, setting)
+                return jnp.sum(out.astype(jnp.float32) * cotangent), out
+            (_, out), grads = jax.jit(jax.value_and_grad(f, (0, 1, 2), has_aux=True))(q, k, v)
+            return [out, *grads]
+
+        reference = outputs("xla", jnp.float32)
+        row = {"batch": b, "seq": t, "heads": n, "kv_heads": kv, "head_dim": hd,
+               "window": window, "dtype": dtype_name}
+        candidates = {f"xla_{dtype_name}": "xla", "auto": "auto"}
+        if jax.default_backend() == "gpu":
+            candidates["cudnn"] = "cudnn"
+        for name, setting in candidates.items():
+            entry = {"runs": resolve_attention_impl(setting, dtype=dtype, head_dim=hd,
+                                                    seq_len=t)}
+            try:
+                got = outputs(setting, dtype)
+            except Exception as err:  # noqa: BLE001  (cuDNN refusing a shape is a finding)
+                entry["refused"] = _one_line(err)
+                row[name] = entry
+                continue
+            entry.update({part: _relative_error(x, r) for part, x, r in
+                          zip(("out", "dq", "dk", "dv"), got, reference)})
+            entry["max"] = max(entry[p] for p in ("out", "dq", "dk", "dv"))
+            row[name] = entry
+        yardstick = row[f"xla_{dtype_name}"].get("max", 0.0)
+        auto = row["auto"]
+        bound = max(3 * yardstick, 1e-4)
+        if "refused" in auto or not auto["max"] <= bound:  # NaN fails too
+            failures.append(f"seq {t} head_dim {hd}: auto ({auto['runs']}) "
+                            f"{auto.get('refused') or format(auto['max'], '.2e')} > {bound:.2e}")
+        rows.append(row)
+    out = {"shapes": rows}
+    if failures:
+        out["error"] = "; ".join(failures)
     return out
 
 
@@ -488,7 +568,7 @@ def _print_section(name: str, result: dict) -> None:
 
     if name == "train":  # rows were printed as they came
         return
-    if "error" in result:
+    if "error" in result and "shapes" not in result:  # the parity rows are printed too
         print(f"{name}: ERROR {result['error']}", flush=True)
         return
     if name == "peak":
@@ -500,6 +580,17 @@ def _print_section(name: str, result: dict) -> None:
               f"HLO runs {result['detected']} ({result['step']}; custom calls: "
               f"{', '.join(result['custom_calls']) or 'none'})"
               f"{'; fallback ' + result['fallback'] if 'fallback' in result else ''}", flush=True)
+    elif name == "attention_parity":
+        for row in result["shapes"]:
+            cells = "; ".join(
+                f"{name} ({r['runs']}) " + (f"refused: {r['refused'][:80]}" if "refused" in r
+                                            else f"out {r['out']:.1e} grads {max(r['dq'], r['dk'], r['dv']):.1e}")
+                for name, r in row.items() if isinstance(r, dict))
+            print(f"attention_parity: {row['batch']}x{row['seq']} heads {row['heads']}/"
+                  f"{row['kv_heads']} dim {row['head_dim']} window {row['window']}: {cells}",
+                  flush=True)
+        if "error" in result:
+            print(f"attention_parity: ERROR {result['error']}", flush=True)
     elif name == "derta_sft":
         print(f"derta_sft: DeRTa {result['derta_s'] * 1e3:.1f} ms, SFT {result['sft_s'] * 1e3:.1f} "
               f"ms per step ({result['step']}); DeRTa/SFT "
@@ -550,6 +641,7 @@ def run(args, sizes: Sizes, save=lambda results: None) -> dict:
             steps, entries, results["sections"].get("peak", {}).get("measured_flops", 0.0),
             nominal, repeats),
         "attention": lambda: attention_section(steps, first),
+        "attention_parity": lambda: attention_parity_section(accelerator),
         "derta_sft": lambda: derta_sft_section(steps, first, repeats),
         "loss_memory": lambda: loss_memory_section(sizes),
         "generate": lambda: generate_section(sizes, base_cfg, repeats),

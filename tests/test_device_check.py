@@ -33,8 +33,8 @@ def test_cpu_smoke_writes_every_section_and_refuses_to_overwrite(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     s = result["sections"]
-    assert set(s) == {"device", "peak", "attention", "derta_sft", "train", "loss_memory",
-                      "generate"}
+    assert set(s) == {"device", "peak", "attention", "attention_parity", "derta_sft", "train",
+                      "loss_memory", "generate"}
     assert not result["failed"] and not any("error" in v for v in s.values())
     assert result["finished"] is True
 
@@ -63,6 +63,13 @@ def test_cpu_smoke_writes_every_section_and_refuses_to_overwrite(tmp_path):
 
     assert s["attention"]["setting"] == "auto" and s["attention"]["resolved"] == "chunked"
     assert s["attention"]["detected"] == "xla"
+    parity = s["attention_parity"]["shapes"]
+    assert [(r["seq"], r["head_dim"], r["window"]) for r in parity] == [
+        (256, 64, None), (200, 64, None), (256, 128, 64)]
+    for row in parity:  # on CPU auto is the chunked path; float32 XLA is the reference itself
+        assert row["auto"]["runs"] == "chunked" and row["xla_float32"]["max"] == 0.0
+        assert 0 < row["auto"]["max"] < 1e-5, row
+        assert "cudnn" not in row
     ratio = s["derta_sft"]["ratio"]
     assert math.isfinite(ratio) and ratio > 0
     memory = s["loss_memory"]

@@ -114,7 +114,7 @@ def test_the_model_takes_the_splash_path_only_where_the_kernel_fits(monkeypatch)
     calls = []
     real = splash.splash_attention
     monkeypatch.setattr(attention_lib, "resolve_attention_impl",
-                        lambda setting, platform=None: setting)  # as if traced for TPU
+                        lambda setting, platform=None, **shapes: setting)  # as if traced for TPU
     monkeypatch.setattr(splash, "splash_attention", lambda *a, **kw: calls.append(a[0].shape)
                         or real(*a, **kw, interpret=True))
     config = ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=64,

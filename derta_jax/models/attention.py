@@ -12,15 +12,15 @@ packed row they differ from RoPE positions only by a constant, so windows agree.
 Padding has segment 0 and therefore attends only to padding, so no softmax row is ever
 empty (no NaN on any backend) and real tokens never see padding.
 
-Without a cache, attention is `jax.nn.dot_product_attention` (implementation "xla" or
-"cudnn" from the config; "cudnn" serves training on GPU and has not been run in this
-project's CPU CI; "chunked" runs it a block of queries at a time against only the keys
-they can see, which skips the masked triangle), which performs GQA natively (query head h
-uses kv head h // group, the same grouping as Hugging Face's repeat_kv); or, "splash", the
-Pallas TPU kernel of models/splash.py (sequences of a multiple of 128 tokens; others take
-the "xla" path). With a cache
-(prefill and decoding), `cached_attention` does the same arithmetic on the cache's own
-layout. The default, "auto", is chosen per platform in ONE place, `resolve_attention_impl`.
+Without a cache, attention is `self_attention`: `jax.nn.dot_product_attention`
+(implementation "xla" or "cudnn"; "cudnn" serves training on GPU, checked against "xla" on
+an H200 by benchmarks/device_check.py, never run in the CPU CI; "chunked" runs it a block
+of queries at a time against only the keys they can see, which skips the masked
+triangle), which performs GQA natively (query head h uses kv head h // group, the same
+grouping as Hugging Face's repeat_kv); or, "splash", the Pallas TPU kernel of
+models/splash.py (sequences of a multiple of 128 tokens; others take the "xla" path).
+With a cache (prefill and decoding), `cached_attention` does the same arithmetic on the
+cache's own layout. The default, "auto", is chosen per platform in ONE place, `resolve_attention_impl`.
 """
 
 from __future__ import annotations
@@ -114,19 +114,8 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_proj(x), positions, self.inv_freq)
         v = self.v_proj(x)
         t = x.shape[1]
-        implementation = resolve_attention_impl(self.implementation)
-        if implementation == "splash" and not splash.supports(t):
-            implementation = "xla"
-        if cache is None and implementation == "splash":
-            out = splash.splash_attention(q, k, v, segment_ids, self.sliding_window)
-            new_cache = None
-        elif cache is None and implementation == "chunked":
-            out = chunked_attention(q, k, v, segment_ids, self.sliding_window)
-            new_cache = None
-        elif cache is None:
-            mask = attention_mask(segment_ids, segment_ids, jnp.arange(t, dtype=jnp.int32),
-                                  jnp.arange(t, dtype=jnp.int32), self.sliding_window)
-            out = _dot_product_attention(q, k, v, mask, implementation, self.sliding_window)
+        if cache is None:
+            out = self_attention(q, k, v, segment_ids, self.sliding_window, self.implementation)
             new_cache = None
         else:
             k_all, v_all = (_write_slots(whole, new, layer, cache_index)
@@ -194,14 +183,47 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def resolve_attention_impl(setting: str, platform: Optional[str] = None) -> Optional[str]:
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                   sliding_window: Optional[int], setting: str = "auto") -> jax.Array:
+    """Attention of q [B,T,N,Hd] over k, v [B,T,K,Hd] of the same tokens under the module's
+    mask rule, by model.attention_impl=`setting` (resolved here for these shapes)."""
+    t = q.shape[1]
+    implementation = resolve_attention_impl(setting, dtype=q.dtype, head_dim=q.shape[-1],
+                                            seq_len=t)
+    if implementation == "splash" and not splash.supports(t):
+        implementation = "xla"
+    if implementation == "splash":
+        return splash.splash_attention(q, k, v, segment_ids, sliding_window)
+    if implementation == "chunked":
+        return chunked_attention(q, k, v, segment_ids, sliding_window)
+    index = jnp.arange(t, dtype=jnp.int32)
+    mask = attention_mask(segment_ids, segment_ids, index, index, sliding_window)
+    return _dot_product_attention(q, k, v, mask, implementation, sliding_window)
+
+
+CUDNN_SEQ_MULTIPLE = 64  # auto takes cuDNN only for lengths it was seen to compile on an H200
+
+
+def cudnn_takes(dtype, head_dim: int, seq_len: int) -> bool:
+    """Whether auto sends these shapes to cuDNN's fused kernel: half-precision compute (the
+    kernel has no float32 path), head dims its flash kernel supports, and sequence lengths
+    of the kind measured (BENCHMARKS.md, device check); anything else takes XLA."""
+    return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and head_dim % 8 == 0 and head_dim <= 128 and seq_len % CUDNN_SEQ_MULTIPLE == 0)
+
+
+def resolve_attention_impl(setting: str, platform: Optional[str] = None, *, dtype=None,
+                           head_dim: Optional[int] = None,
+                           seq_len: Optional[int] = None) -> Optional[str]:
     """The implementation that model.attention_impl=`setting` runs, for `platform` (default:
     the platform of the mesh being traced for, so that the planner's TPU compile on a CPU
     host gets the TPU choice; without a mesh, JAX's default backend). "auto":
       cpu: "chunked". Measured (BENCHMARKS.md): a 2 x 1024 training step 0.43x -> 0.67x
            PyTorch's; one block, so the same program, up to 128 tokens.
-      gpu: None, JAX's own choice: cuDNN's fused kernel where it takes the shapes and
-           dtype (bf16/fp16), else XLA.
+      gpu: "cudnn" where `cudnn_takes` the shapes (dtype, head_dim and seq_len given), else
+           "xla". Measured on an H200 (BENCHMARKS.md): a Llama-3.2-1B step at 4 x 2048
+           388 -> 167 ms, 100 -> 25 GiB of temporaries; JAX's own choice
+           (implementation=None) compiled to XLA's attention there.
       tpu: "splash", the Pallas kernel (models/splash.py): memory linear in T, masked
            blocks skipped; sequences that are not a multiple of 128 take "xla".
       others: "xla".
@@ -218,8 +240,10 @@ def resolve_attention_impl(setting: str, platform: Optional[str] = None) -> Opti
             raise ValueError(f"model.attention_impl=splash: the Pallas splash kernel runs on "
                              f"TPU only; this step is traced for {platform} (use auto)")
         return setting
-    return {"cpu": "chunked", "gpu": None, "cuda": None, "rocm": None,
-            "tpu": "splash"}.get(platform, "xla")
+    if platform in ("gpu", "cuda"):
+        shapes_known = None not in (dtype, head_dim, seq_len)
+        return "cudnn" if shapes_known and cudnn_takes(dtype, head_dim, seq_len) else "xla"
+    return {"cpu": "chunked", "tpu": "splash"}.get(platform, "xla")
 
 
 def _dot_product_attention(q, k, v, mask, implementation: Optional[str],
