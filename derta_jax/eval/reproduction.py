@@ -96,8 +96,12 @@ class Budget:
 # epochs) it copies and reverses new lists of 3 to 6 words without a mistake.
 # The attacks of every tiny run: a LoRA attack (rank 8, constant lr 1e-3, batch 8) on 32
 # safety triples, evaluated at K = 5, 10, 20 with plain SFT and the constrained objective;
-# the refusal direction from 32 triples vs 32 helpful instructions (8 more choose the layer).
-TINY_ATTACKS = AttackBudget(finetune_steps=(5, 10, 20), finetune_rows=32, finetune_lr=1e-3)
+# the refusal direction from 32 triples vs 32 helpful instructions (8 more choose the layer);
+# the same LoRA fine-tunes on 32 helpful rows (a benign downstream task), whose refusals of
+# the direct requests after K steps say what ordinary fine-tuning costs the safety tuning.
+TINY_ATTACKS = AttackBudget(finetune_steps=(5, 10, 20), finetune_rows=32, finetune_lr=1e-3,
+                            include=("rank_prefill", "direction", "finetune",
+                                     "benign_finetune"))
 SMOKE_ATTACKS = AttackBudget(finetune_steps=(1, 2), finetune_rows=8, finetune_lr=1e-3,
                              finetune_rank=2, direction_prompts=4, rank_k=5)
 _WORLD = dict(num_triples=300, num_helpful=1200, num_pretrain=10000, num_eval_benign=100,
