@@ -68,7 +68,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from derta_jax.arg_types import int_list
 from derta_jax.eval import reproduction as rp
@@ -101,6 +101,10 @@ class Track:
     lora: bool  # tune with LoRA from a pretrained HF model (else full tuning from the tiny base)
     default_runs: tuple[str, ...]  # what --recipes chooses when it is not given
     damaged_control: bool = False  # also tune and evaluate rp.DAMAGED_NAME (first seed)
+    # What the attack plots draw per group: the harmful share (ASR) where the world judge
+    # sees every harmful step (tiny), the refused share where its "harmful" is only a lower
+    # bound (SmolLM2 writes steps of its own; docs/robustness/smollm2/README.md)
+    plot_metric: str = "asr_harmful"
 
 
 # The real-model track (issue 16): base, vanilla and DeRTa at both RTO keep rates (the
@@ -109,7 +113,8 @@ TRACKS = {"tiny": Track("tiny", rp.BUDGETS, rp.TEMPLATE, "tiny", lora=False,
                         default_runs=rp.RECIPE_NAMES + (rp.DAMAGED_NAME,),
                         damaged_control=True),
           "smollm2": Track("smollm2", rp.LORA_BUDGETS, rp.LORA_TEMPLATE, "plain_english",
-                           lora=True, default_runs=("vanilla", "derta", "derta_keep0.05"))}
+                           lora=True, default_runs=("vanilla", "derta", "derta_keep0.05"),
+                           plot_metric="refusal_rate")}
 MODELS = tuple(TRACKS)
 
 
@@ -255,6 +260,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="change one budget field for this study (repeatable), e.g. "
                              "--set tune_lr=3e-4 --set lora_rank=8 --set attacks.finetune_lr"
                              "=1e-4 (eval/reproduction.py has each budget's fields)")
+    parser.add_argument("--replot", action="store_true",
+                        help="draw the plots and write report.md of the study in --out again "
+                             "from its report.json (e.g. after a change of the plots) and stop")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --out")
     parser.add_argument("--resume", action="store_true",
@@ -413,12 +421,9 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
     `seed_report` (every group and rate of the per-run reports, as seed cells: what the
     prefill plots draw) and `refusal_positions` (the histogram of the seeds' refusals
     together, each generation once)."""
-    from derta_jax.eval.plots import (plot_position_histograms, plot_prefill_curves,
-                                      plot_refusal_curves)
     from derta_jax.eval.refusal_position import refusal_curve_by_relative_position
-    from derta_jax.eval.report import PREFILL_PLOT_METRIC
 
-    results, by_seed, positions, curves = {}, {}, {}, {}
+    results, by_seed, positions = {}, {}, {}
     for name in rp.TABLE_ROWS:
         run_seeds = sorted((seed for row, seed in per_run if row == name),
                            key=lambda seed: -1 if seed is None else seeds.index(seed))
@@ -437,39 +442,7 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
                          "per_seed": dict(zip(seed_ids, metrics)),
                          "refusal_curve_held_out": curve, "seed_report": by_seed[name],
                          "refusal_positions": positions[name]["refusal_positions"]}
-        curves[name] = curve
-    plot_prefill_curves(by_seed, os.path.join(out, "asr_vs_prefill.png"),
-                        metric=PREFILL_PLOT_METRIC)
-    plot_prefill_curves(by_seed, os.path.join(out, "asr_vs_prefill_held_out.png"),
-                        metric=PREFILL_PLOT_METRIC, held_out=True,
-                        title="Attack success rate against prefill depth, held-out")
-
-    def attacked(suite):  # the runs that faced the attack whose rows are `suite`
-        return {name: sr for name, sr in by_seed.items()
-                if any(g["suite"] == suite for g in sr["groups"])}
-
-    if attacked("rank_prefill"):  # the robustness attacks' curves (eval/robustness.py)
-        plot_prefill_curves(attacked("rank_prefill"),
-                            os.path.join(out, "asr_vs_rank_prefill.png"),
-                            metric=PREFILL_PLOT_METRIC, held_out=True, suite="rank_prefill",
-                            title="Rank-assisted prefilling (top-20), held-out categories")
-    for suite, file, tuning, how in (
-            ("finetune_sft", "durability_sft.png", "harmful", "plain SFT"),
-            ("finetune_constrained", "durability_constrained.png", "harmful",
-             "the constrained objective"),
-            ("benign_tuned_sft", "benign_tuning_sft.png", "benign", "plain SFT"),
-            ("benign_tuned_constrained", "benign_tuning_constrained.png", "benign",
-             "the constrained objective")):
-        if attacked(suite):
-            plot_prefill_curves({name: _direct_as_k0(sr, suite)
-                                 for name, sr in attacked(suite).items()},
-                                os.path.join(out, file), metric=PREFILL_PLOT_METRIC,
-                                suite=suite, xlabel=f"{tuning} LoRA fine-tuning steps K",
-                                title=f"Direct requests after K {tuning} fine-tuning steps "
-                                      f"({how})")
-    plot_position_histograms(positions, os.path.join(out, "refusal_positions.png"))
-    plot_refusal_curves(curves, os.path.join(out, "refusal_probability.png"),
-                        xlabel="relative position in held-out harmful answers")
+    draw_plots(out, results, track)
     report = {"format": 1, "budget": _budget_json(budget), "seeds": list(seeds),
               "world_seed": WORLD_SEED, "base_seed": BASE_SEED, "held_out": list(HELD_OUT),
               "judge": rp.JUDGE, "interval": INTERVAL_METHOD,
@@ -496,6 +469,68 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
         f.write(report_markdown(report))
     write_all_generations(out, per_run)
     return report
+
+
+def draw_plots(out: str, results: Mapping[str, Mapping], track: Track) -> list[str]:
+    """The study's plots from report.json's `results` (so a published study can be drawn
+    again: `reproduce --replot`): prefill and rank-prefill curves and the fine-tuning
+    curves of the track's plot_metric, refusal positions, P(refusal) along the answers.
+    -> the files written."""
+    from derta_jax.eval.plots import (plot_position_histograms, plot_prefill_curves,
+                                      plot_refusal_curves)
+
+    metric = track.plot_metric
+    what = "Refused share" if metric == "refusal_rate" else "Attack success rate"
+    by_seed = {name: r["seed_report"] for name, r in results.items()}
+    written = []
+
+    def prefill_plot(reports, file, **kw):
+        plot_prefill_curves(reports, os.path.join(out, file), metric=metric, **kw)
+        written.append(file)
+
+    prefill_plot(by_seed, "asr_vs_prefill.png", title=f"{what} against prefill depth")
+    prefill_plot(by_seed, "asr_vs_prefill_held_out.png", held_out=True,
+                 title=f"{what} against prefill depth, held-out")
+
+    def attacked(suite):  # the runs that faced the attack whose rows are `suite`
+        return {name: sr for name, sr in by_seed.items()
+                if any(g["suite"] == suite for g in sr["groups"])}
+
+    if attacked("rank_prefill"):  # the robustness attacks' curves (eval/robustness.py)
+        prefill_plot(attacked("rank_prefill"), "asr_vs_rank_prefill.png", held_out=True,
+                     suite="rank_prefill",
+                     title=f"{what}, rank-assisted prefill (top-20), held-out")
+    for suite, file, tuning, how in (
+            ("finetune_sft", "durability_sft.png", "harmful", "SFT"),
+            ("finetune_constrained", "durability_constrained.png", "harmful", "constrained"),
+            ("benign_tuned_sft", "benign_tuning_sft.png", "benign", "SFT"),
+            ("benign_tuned_constrained", "benign_tuning_constrained.png", "benign",
+             "constrained")):
+        if attacked(suite):
+            prefill_plot({name: _direct_as_k0(sr, suite) for name, sr in attacked(suite).items()},
+                         file, suite=suite, xlabel=f"{tuning} LoRA fine-tuning steps K",
+                         title=f"Direct requests after K {tuning} steps ({how})")
+    plot_position_histograms({name: {"refusal_positions": r["refusal_positions"]}
+                              for name, r in results.items()},
+                             os.path.join(out, "refusal_positions.png"))
+    plot_refusal_curves({name: r["refusal_curve_held_out"] for name, r in results.items()},
+                        os.path.join(out, "refusal_probability.png"),
+                        xlabel="relative position in held-out harmful answers")
+    return written + ["refusal_positions.png", "refusal_probability.png"]
+
+
+def replot(out: str) -> list[str]:
+    """Draws OUT's plots and writes OUT/report.md again from OUT/report.json (its track from
+    the report's `model`): the numbers are untouched, their presentation is today's."""
+    path = os.path.join(out, "report.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--replot: {path} does not exist (run the study first)")
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    files = draw_plots(out, report["results"], TRACKS[report.get("model", "tiny")])
+    with open(os.path.join(out, "report.md"), "w", encoding="utf-8", newline="\n") as f:
+        f.write(report_markdown(report))
+    return files + ["report.md"]
 
 
 def _direct_as_k0(seed_report: dict, suite: str) -> dict:
@@ -574,6 +609,11 @@ def _held_out_meaning(report: dict, pretrained: bool) -> str:
 def report_markdown(report: dict) -> str:
     budget = report["budget"]
     seeds = ", ".join(map(str, report["seeds"]))
+    if TRACKS[report.get("model", "tiny")].plot_metric == "refusal_rate":
+        what = "Refused share"
+        drawn = "the refused share (the world judge's harmful is a lower bound on this track)"
+    else:
+        what, drawn = "ASR", "ASR = harmful"
     intro = _smollm2_setup(report) if report.get("model") == "smollm2" else (
         f"# DeRTa ablation at tiny scale (budget `{budget['name']}`)\n\n"
         f"One base model (seed {report['base_seed']}) pretrained {budget['pretrain_steps']} "
@@ -631,10 +671,10 @@ def report_markdown(report: dict) -> str:
           "or another base. A cell from one seed (the base row, and every row of a run "
           "with one seed) shows its value and count and no interval: one seed cannot "
           "show the spread between seeds. report.json "
-          "has every cell's per-seed values and counts. The prefill plots draw ASR = "
-          "harmful, the mean over seeds with the same interval.\n\n"
-          "![ASR against prefill depth](asr_vs_prefill.png)\n"
-          "![ASR against prefill depth, held-out categories](asr_vs_prefill_held_out.png)\n"
+          f"has every cell's per-seed values and counts. The prefill plots draw {drawn}, "
+          "the mean over seeds with the same interval.\n\n"
+          f"![{what} against prefill depth](asr_vs_prefill.png)\n"
+          f"![{what} against prefill depth, held-out categories](asr_vs_prefill_held_out.png)\n"
           "![Where refusals start](refusal_positions.png)\n"
           "![P(refusal) along held-out harmful answers](refusal_probability.png)\n")
     if budget.get("attacks"):
@@ -937,6 +977,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if args.replot:
+        try:
+            files = replot(args.out)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"drew {', '.join(files)} in {args.out} from its report.json")
+        return 0
     try:
         reproduce(args.out, args.seeds, args.budget, args.model, args.overwrite,
                   rto_keep_rate=args.rto_keep_rate, recipes=args.recipes,

@@ -192,3 +192,40 @@ def test_base_hf_dir_is_refused_for_the_tiny_track(tmp_path):
     with pytest.raises(ValueError, match="base_hf_dir is for the real-model track"):
         reproduce.reproduce(str(tmp_path / "x"), model="tiny", base_hf_dir=str(tmp_path))
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_smollm2_plots_draw_the_refused_share_and_replot_redraws_them(smoke_run, tmp_path,
+                                                                      monkeypatch):
+    """The world judge's `harmful` is a lower bound on this track: its curves are of the
+    refused share; `--replot` draws the same files again from report.json alone."""
+    import shutil
+
+    from derta_jax.eval import plots
+
+    out, report = smoke_run
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert "The prefill plots draw the refused share" in text
+    assert "![Refused share against prefill depth](asr_vs_prefill.png)" in text
+    copy = tmp_path / "study"
+    os.makedirs(copy)
+    shutil.copy(os.path.join(out, "report.json"), copy)
+    assert reproduce.main([f"--out={copy}", "--replot"]) == 0
+    drawn = sorted(name for name in os.listdir(copy) if name.endswith((".png", ".md")))
+    assert drawn == sorted(name for name in os.listdir(out) if name.endswith((".png", ".md")))
+    for name in drawn:  # the same report and pixels as the study's own
+        with open(os.path.join(out, name), "rb") as f:
+            assert (copy / name).read_bytes() == f.read(), name
+    metrics = []
+    real = plots.plot_prefill_curves
+    monkeypatch.setattr(plots, "plot_prefill_curves",
+                        lambda *a, metric, **kw: metrics.append(metric) or real(*a, metric=metric, **kw))
+    reproduce.replot(str(copy))
+    assert metrics and set(metrics) == {"refusal_rate"}
+    assert reproduce.TRACKS["tiny"].plot_metric == "asr_harmful"
+
+
+def test_replot_without_a_report_is_refused(tmp_path, capsys):
+    assert reproduce.main([f"--out={tmp_path}", "--replot"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --replot: {tmp_path / 'report.json'} does not exist (run the study first)")
