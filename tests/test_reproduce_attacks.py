@@ -7,6 +7,7 @@ the tables and the plots, from the project's own trainer."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -105,3 +106,19 @@ def test_no_attacks_leaves_them_out(tmp_path):
     text = rp.results_tables(results)
     assert "Rank-assisted" not in text and "fine-tuning" not in text
     assert "safe_triggers" not in text
+
+
+def test_resume_loads_the_attacked_runs_with_their_attack_records(attacked, tmp_path):
+    """--resume of a moved copy of a study with every attack: each run's record, attack
+    suites included, is loaded (nothing tuned, attacked or evaluated again) and gives the
+    same report.json and report.md."""
+    study = tmp_path / "moved"
+    shutil.copytree(attacked, study, ignore=shutil.ignore_patterns("xla_cache"))
+    before = {name: (study / name).read_text() for name in ("report.json", "report.md")}
+    assert reproduce.main([f"--out={study}", "--budget=smoke", "--seeds=0", "--recipes=derta",
+                           "--attacks=all", "--resume", "--compilation_cache="]) == 0
+    timings = json.loads((study / "timings.json").read_text())
+    assert (timings["runs"], timings["runs_loaded"]) == (2, 2)
+    assert "tune" not in timings["phases_s"] and timings["attacks_s_within_evaluate"] == 0
+    for name, text in before.items():
+        assert (study / name).read_text() == text, name
