@@ -581,11 +581,14 @@ def _print_section(name: str, result: dict) -> None:
               f"{', '.join(result['custom_calls']) or 'none'})"
               f"{'; fallback ' + result['fallback'] if 'fallback' in result else ''}", flush=True)
     elif name == "attention_parity":
+        def cell(r):
+            if "refused" in r:
+                return f"refused: {r['refused'][:80]}"
+            return f"out {r['out']:.1e} grads {max(r['dq'], r['dk'], r['dv']):.1e}"
+
         for row in result["shapes"]:
-            cells = "; ".join(
-                f"{name} ({r['runs']}) " + (f"refused: {r['refused'][:80]}" if "refused" in r
-                                            else f"out {r['out']:.1e} grads {max(r['dq'], r['dk'], r['dv']):.1e}")
-                for name, r in row.items() if isinstance(r, dict))
+            cells = "; ".join(f"{impl} ({r['runs']}) {cell(r)}"
+                              for impl, r in row.items() if isinstance(r, dict))
             print(f"attention_parity: {row['batch']}x{row['seq']} heads {row['heads']}/"
                   f"{row['kv_heads']} dim {row['head_dim']} window {row['window']}: {cells}",
                   flush=True)

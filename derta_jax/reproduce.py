@@ -526,10 +526,25 @@ def replot(out: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--replot: {path} does not exist (run the study first)")
     with open(path, encoding="utf-8") as f:
-        report = json.load(f)
-    files = draw_plots(out, report["results"], TRACKS[report.get("model", "tiny")])
+        try:
+            report = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--replot: {path}: not JSON (line {e.lineno}, column {e.colno}: "
+                             f"{e.msg})") from None
+    if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
+        raise ValueError(f"--replot: {path}: field results: missing (not a study's report)")
+    model = report.get("model", "tiny")
+    if model not in TRACKS:
+        raise ValueError(f"--replot: {path}: field model: unknown track {model!r} "
+                         f"({', '.join(TRACKS)})")
+    try:  # the text first: a report cut short changes nothing in OUT
+        text = report_markdown(report)
+        files = draw_plots(out, report["results"], TRACKS[model])
+    except KeyError as e:
+        raise ValueError(f"--replot: {path}: field {e.args[0]}: missing (not a complete "
+                         f"study report)") from None
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8", newline="\n") as f:
-        f.write(report_markdown(report))
+        f.write(text)
     return files + ["report.md"]
 
 
@@ -980,7 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.replot:
         try:
             files = replot(args.out)
-        except (FileNotFoundError, KeyError, ValueError) as e:
+        except (FileNotFoundError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"drew {', '.join(files)} in {args.out} from its report.json")

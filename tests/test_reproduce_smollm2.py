@@ -218,14 +218,28 @@ def test_smollm2_plots_draw_the_refused_share_and_replot_redraws_them(smoke_run,
             assert (copy / name).read_bytes() == f.read(), name
     metrics = []
     real = plots.plot_prefill_curves
-    monkeypatch.setattr(plots, "plot_prefill_curves",
-                        lambda *a, metric, **kw: metrics.append(metric) or real(*a, metric=metric, **kw))
+    monkeypatch.setattr(plots, "plot_prefill_curves", lambda *a, metric, **kw:
+                        metrics.append(metric) or real(*a, metric=metric, **kw))
     reproduce.replot(str(copy))
     assert metrics and set(metrics) == {"refusal_rate"}
-    assert reproduce.TRACKS["tiny"].plot_metric == "asr_harmful"
+    assert reproduce.TRACKS["tiny"].plot_metric == "asr_harmful"  # the report's ASR
 
 
-def test_replot_without_a_report_is_refused(tmp_path, capsys):
+def test_replot_without_a_readable_report_is_refused(tmp_path, capsys):
+    report = tmp_path / "report.json"
     assert reproduce.main([f"--out={tmp_path}", "--replot"]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: --replot: {tmp_path / 'report.json'} does not exist (run the study first)")
+        f"error: --replot: {report} does not exist (run the study first)")
+    report.write_text('{"results": {}}')
+    assert reproduce.main([f"--out={tmp_path}", "--replot"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --replot: {report}: field budget: missing (not a complete study report)")
+    report.write_text('{"results": {}, "model": "gpt9"}')
+    assert reproduce.main([f"--out={tmp_path}", "--replot"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --replot: {report}: field model: unknown track 'gpt9' (tiny, smollm2)")
+    report.write_text('{"results": ')
+    assert reproduce.main([f"--out={tmp_path}", "--replot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --replot: {report}: not JSON (line 1") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # nothing drawn

@@ -20,7 +20,8 @@ triangle), which performs GQA natively (query head h uses kv head h // group, th
 grouping as Hugging Face's repeat_kv); or, "splash", the Pallas TPU kernel of
 models/splash.py (sequences of a multiple of 128 tokens; others take the "xla" path).
 With a cache (prefill and decoding), `cached_attention` does the same arithmetic on the
-cache's own layout. The default, "auto", is chosen per platform in ONE place, `resolve_attention_impl`.
+cache's own layout. The default, "auto", is chosen per platform in ONE place,
+`resolve_attention_impl`.
 """
 
 from __future__ import annotations
