@@ -47,6 +47,7 @@ import time
 import traceback
 
 from derta_jax.models.attention import attention_in_hlo
+from derta_jax.models.config import ATTENTION_IMPLS
 
 SECTIONS = ("peak", "attention", "attention_parity", "derta_sft", "train", "loss_memory",
             "generate")
@@ -90,7 +91,7 @@ def parse_args(argv):
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--repeats", type=int, default=0, help="timed repetitions (0: the sizes')")
-    p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn", "chunked", "splash"),
+    p.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS,
                    help="model.attention_impl of the training steps; auto = the model's "
                         "per-platform choice (models/attention.resolve_attention_impl); an "
                         "explicit cudnn step that fails to compile falls back to xla")

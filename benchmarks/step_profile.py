@@ -42,9 +42,10 @@ from benchmarks.timing import (cores, interleaved_samples, load1, load_average, 
 from derta_jax import loss as derta  # noqa: E402
 from derta_jax.models import attention as attention_lib  # noqa: E402
 
-# jaxpr names of the attention's operations: jax.nn.dot_product_attention (vmapped over kv
-# head groups) in each block of models/attention.chunked_attention
-ATTENTION_NAMES = re.compile(r"BNTS|BTNH|BSNH|vmap|_where|softmax")
+# names of the attention's operations in the trace: jax.nn.dot_product_attention's (vmapped
+# over kv head groups) in each block of models/attention.chunked_attention, or the C++
+# kernel's custom calls (models/cpu_flash.py)
+ATTENTION_NAMES = re.compile(r"BNTS|BTNH|BSNH|vmap|_where|softmax|derta_cpu_flash|ffi_call")
 
 
 def parse_args(argv=None):
@@ -60,13 +61,13 @@ def parse_args(argv=None):
 def attention_stand_in():
     """While tracing: attention replaced by q plus a zero that still reads k and v, so the
     projections and everything around attention stay in the step."""
-    real = attention_lib.chunked_attention
-    attention_lib.chunked_attention = (
-        lambda q, k, v, segment_ids, window, chunk=None: q + 0.0 * (jnp.sum(k) + jnp.sum(v)))
+    real = attention_lib.self_attention
+    attention_lib.self_attention = (
+        lambda q, k, v, segment_ids, window, setting="auto": q + 0.0 * (jnp.sum(k) + jnp.sum(v)))
     try:
         yield
     finally:
-        attention_lib.chunked_attention = real
+        attention_lib.self_attention = real
 
 
 def jax_runner(model, batch, stand_in: bool):
@@ -124,9 +125,9 @@ def main(argv=None) -> None:
     torch.set_num_threads(cores())
     shape = setup.BenchShape(**{f: getattr(args, f) for f in vars(setup.BenchShape())})
     hf_model, model, _ = setup.build_models(shape, attention_impl="auto")
-    if attention_lib.resolve_attention_impl("auto") != "chunked":
-        raise SystemExit("step_profile: the attention stand-in replaces the chunked attention, "
-                         "CPU's choice; run it on a CPU backend")
+    if jax.default_backend() != "cpu":
+        raise SystemExit("step_profile: it profiles the CPU step against PyTorch's; run it on a "
+                         "CPU backend")
     batch, _ = setup.derta_and_sft_batches(shape, refusal_id=3, prompt_len=max(1, shape.seq // 4))
     full, compiled = jax_runner(model, batch, stand_in=False)
     without, _ = jax_runner(model, batch, stand_in=True)

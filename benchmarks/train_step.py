@@ -42,6 +42,8 @@ from benchmarks import train_step_setup as setup
 from benchmarks.timing import (interleaved_samples, load1, load_average, loaded,  # noqa: F401
                                loaded_line, ratio_cell)
 from derta_jax import loss as derta
+from derta_jax.models.attention import resolve_attention_impl
+from derta_jax.models.config import ATTENTION_IMPLS
 from derta_jax.train.flops import training_flops_per_token
 
 
@@ -53,8 +55,9 @@ def parse_args(argv):
     for field, value in vars(setup.BenchShape()).items():
         p.add_argument(f"--{field}", type=int, default=value)
     p.add_argument("--keep_rate", type=float, default=0.05, help="RTO keep rate of the DeRTa step")
-    p.add_argument("--attention_impl", default="xla", choices=["xla", "chunked"],
-                   help="derta_jax's attention (model.attention_impl)")
+    p.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS,
+                   help="derta_jax's attention (model.attention_impl; auto = the model's "
+                        "CPU default, models/attention.resolve_attention_impl)")
     p.add_argument("--matmul", type=int, default=2048, help="n of the n x n f32 peak matmul")
     p.add_argument("--matmul_count", type=int, default=4, help="matmuls per timed call")
     p.add_argument("--mixture_rows", type=int, default=512,
@@ -151,7 +154,8 @@ def run(args) -> dict:
     torch.set_num_threads(info["cores"])
     info["torch_threads"] = torch.get_num_threads()
     info["load_before"], info["load1_before"] = load_average(), load1()
-    info["attention_impl"] = args.attention_impl
+    info["attention_impl"] = (f"{args.attention_impl} -> "
+                              f"{resolve_attention_impl(args.attention_impl, 'cpu')}")
     shape = setup.BenchShape(**{f: getattr(args, f) for f in vars(setup.BenchShape())})
     optim = setup.optimizer_config()
     hf_model, model, model_cfg = setup.build_models(shape, attention_impl=args.attention_impl)

@@ -56,18 +56,18 @@ def test_cpu_smoke_writes_every_section_and_refuses_to_overwrite(tmp_path):
         assert math.isclose(e["mfu_measured"],
                             e["model_flops_per_step"] / e["step_s"] / peak, rel_tol=1e-9)
         assert math.isfinite(e["loss"]) and e["temp_bytes"] > 0
-        assert e["attention_detected"] == "xla"
+        assert e["attention_detected"] == "cpu_flash"  # the C++ kernel, found in the HLO
     lora = next(e for e in entries if e["mode"] == "lora" and e["seq"] == 64)
     full = next(e for e in entries if e["mode"] == "full" and e["seq"] == 64)
     assert lora["model_flops_per_step"] < full["model_flops_per_step"]  # no weight gradient
 
-    assert s["attention"]["setting"] == "auto" and s["attention"]["resolved"] == "chunked"
-    assert s["attention"]["detected"] == "xla"
+    assert s["attention"]["setting"] == "auto" and s["attention"]["resolved"] == "cpu_flash"
+    assert s["attention"]["detected"] == "cpu_flash"
     parity = s["attention_parity"]["shapes"]
     assert [(r["seq"], r["head_dim"], r["window"]) for r in parity] == [
         (256, 64, None), (200, 64, None), (256, 128, 64)]
-    for row in parity:  # on CPU auto is the chunked path; float32 XLA is the reference itself
-        assert row["auto"]["runs"] == "chunked" and row["xla_float32"]["max"] == 0.0
+    for row in parity:  # on CPU auto is the C++ kernel; float32 XLA is the reference itself
+        assert row["auto"]["runs"] == "cpu_flash" and row["xla_float32"]["max"] == 0.0
         assert 0 < row["auto"]["max"] < 1e-5, row
         assert "cudnn" not in row
     ratio = s["derta_sft"]["ratio"]

@@ -77,7 +77,7 @@ def test_auto_attention_is_chosen_by_the_platform_traced_for():
     from derta_jax.models.attention import resolve_attention_impl
 
     assert [resolve_attention_impl("auto", p) for p in ("cpu", "gpu", "tpu")] == [
-        "chunked", "xla", "splash"]  # the GPU's choice needs the shapes
+        "cpu_flash", "xla", "splash"]  # cpu_flash: the C++ kernel builds here  # the GPU's choice needs the shapes
     bf16, f32 = jnp.bfloat16, jnp.float32
     gpu = lambda dtype, head_dim, seq: resolve_attention_impl(  # noqa: E731
         "auto", "gpu", dtype=dtype, head_dim=head_dim, seq_len=seq)
@@ -86,12 +86,12 @@ def test_auto_attention_is_chosen_by_the_platform_traced_for():
     assert gpu(f32, 64, 2048) == gpu(bf16, 256, 2048) == gpu(bf16, 60, 2048) == "xla"
     assert gpu(bf16, 64, 2000) == "xla"
     assert resolve_attention_impl("auto", "cpu", dtype=bf16, head_dim=64, seq_len=2048) == (
-        "chunked")
+        "cpu_flash")
     assert resolve_attention_impl("xla", "cpu") == "xla"
     assert resolve_attention_impl("cudnn", "tpu") == "cudnn"
-    assert resolve_attention_impl("auto") == "chunked"  # no mesh: this CPU backend
+    assert resolve_attention_impl("auto") == "cpu_flash"  # no mesh: this CPU backend
     seen = []
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
     with jax.set_mesh(mesh):
         jax.jit(lambda x: seen.append(resolve_attention_impl("auto")) or x)(1.0)
-    assert seen == ["chunked"]
+    assert seen == ["cpu_flash"]

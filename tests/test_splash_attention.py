@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from derta_jax.models import splash
+from derta_jax.models import sharding, splash
 from derta_jax.models.attention import _dot_product_attention, attention_mask
 
 B, T, N, K, HD = 2, 256, 4, 2, 32
@@ -76,10 +76,10 @@ def test_rows_go_to_the_batch_axes_that_divide_them():
     class Mesh:
         shape = {"data": 2, "fsdp": 4}
 
-    assert splash._row_axes(8, ["data", "fsdp"], Mesh) == ("data", "fsdp")
-    assert splash._row_axes(4, ["data", "fsdp"], Mesh) == ("fsdp",)  # the larger that divides
-    assert splash._row_axes(2, ["data", "fsdp"], Mesh) == ("data",)
-    assert splash._row_axes(3, ["data", "fsdp"], Mesh) == ()
+    assert sharding.kernel_row_axes(8, ["data", "fsdp"], Mesh) == ("data", "fsdp")
+    assert sharding.kernel_row_axes(4, ["data", "fsdp"], Mesh) == ("fsdp",)  # the larger
+    assert sharding.kernel_row_axes(2, ["data", "fsdp"], Mesh) == ("data",)
+    assert sharding.kernel_row_axes(3, ["data", "fsdp"], Mesh) == ()
 
 
 def test_splash_off_tpu_is_refused_naming_the_setting():

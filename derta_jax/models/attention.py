@@ -17,7 +17,8 @@ Without a cache, attention is `self_attention`: `jax.nn.dot_product_attention`
 an H200 by benchmarks/device_check.py, never run in the CPU CI; "chunked" runs it a block
 of queries at a time against only the keys they can see, which skips the masked
 triangle), which performs GQA natively (query head h uses kv head h // group, the same
-grouping as Hugging Face's repeat_kv); or, "splash", the Pallas TPU kernel of
+grouping as Hugging Face's repeat_kv); or "cpu_flash", the fused C++ kernel of
+models/cpu_flash.py (CPU, built on first use); or, "splash", the Pallas TPU kernel of
 models/splash.py (sequences of a multiple of 128 tokens; others take the "xla" path).
 With a cache (prefill and decoding), `cached_attention` does the same arithmetic on the
 cache's own layout. The default, "auto", is chosen per platform in ONE place,
@@ -35,7 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
 
-from derta_jax.models import splash
+from derta_jax.models import cpu_flash, splash
 from derta_jax.models.config import ModelConfig
 from derta_jax.models.layers import Projection, apply_rope, rope_inverse_frequencies
 
@@ -197,6 +198,8 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
         return splash.splash_attention(q, k, v, segment_ids, sliding_window)
     if implementation == "chunked":
         return chunked_attention(q, k, v, segment_ids, sliding_window)
+    if implementation == "cpu_flash":
+        return cpu_flash.cpu_flash_attention(q, k, v, segment_ids, sliding_window)
     index = jnp.arange(t, dtype=jnp.int32)
     mask = attention_mask(segment_ids, segment_ids, index, index, sliding_window)
     return _dot_product_attention(q, k, v, mask, implementation, sliding_window)
@@ -222,8 +225,10 @@ def resolve_attention_impl(setting: str, platform: Optional[str] = None, *, dtyp
     """The implementation that model.attention_impl=`setting` runs, for `platform` (default:
     the platform of the mesh being traced for, so that the planner's TPU compile on a CPU
     host gets the TPU choice; without a mesh, JAX's default backend). "auto":
-      cpu: "chunked". Measured (BENCHMARKS.md): a 2 x 1024 training step 0.43x -> 0.67x
-           PyTorch's; one block, so the same program, up to 128 tokens.
+      cpu: "cpu_flash" where the C++ kernel builds (a compiler is present), else
+           "chunked". Measured (BENCHMARKS.md): one attention layer's forward and
+           backward at 8 x 256, 45 -> 12 ms against "chunked", which itself took a
+           2 x 1024 training step from 0.43x to 0.67x PyTorch's over "xla".
       gpu: "cudnn" where `cudnn_takes` the shapes (dtype, head_dim and seq_len given), else
            "xla". Measured on an H200 (BENCHMARKS.md): a Llama-3.2-1B step at 4 x 2048
            388 -> 167 ms, 100 -> 25 GiB of temporaries; JAX's own choice
@@ -232,8 +237,9 @@ def resolve_attention_impl(setting: str, platform: Optional[str] = None, *, dtyp
            blocks skipped; sequences that are not a multiple of 128 take "xla".
       others: "xla".
     Any other setting is returned as it is; "splash" off TPU is a ValueError (the Pallas
-    kernel is TPU code)."""
-    if setting not in ("auto", "splash"):
+    kernel is TPU code), and so is "cpu_flash" off CPU or where its kernel cannot be
+    built (the reason is named)."""
+    if setting not in ("auto", "splash", "cpu_flash"):
         return setting
     if platform is None:
         mesh = jax.sharding.get_abstract_mesh()
@@ -244,10 +250,20 @@ def resolve_attention_impl(setting: str, platform: Optional[str] = None, *, dtyp
             raise ValueError(f"model.attention_impl=splash: the Pallas splash kernel runs on "
                              f"TPU only; this step is traced for {platform} (use auto)")
         return setting
+    if setting == "cpu_flash":
+        if platform != "cpu":
+            raise ValueError(f"model.attention_impl=cpu_flash: the C++ kernel runs on CPU "
+                             f"only; this step is traced for {platform} (use auto)")
+        if not cpu_flash.available():
+            raise ValueError(f"model.attention_impl=cpu_flash: the kernel cannot be built "
+                             f"here ({cpu_flash.why_unavailable()}); use auto or chunked")
+        return setting
     if platform in ("gpu", "cuda"):
         shapes_known = None not in (dtype, head_dim, seq_len)
         return "cudnn" if shapes_known and cudnn_takes(dtype, head_dim, seq_len) else "xla"
-    return {"cpu": "chunked", "tpu": "splash"}.get(platform, "xla")
+    if platform == "cpu":
+        return "cpu_flash" if cpu_flash.available() else "chunked"
+    return {"tpu": "splash"}.get(platform, "xla")
 
 
 def _dot_product_attention(q, k, v, mask, implementation: Optional[str],
@@ -265,13 +281,17 @@ def _dot_product_attention(q, k, v, mask, implementation: Optional[str],
 
 def attention_in_hlo(hlo_text: str) -> tuple[str, list]:
     """What a compiled program's attention runs on, from its HLO text -> (name, evidence):
-    "cudnn" (a cuDNN fused-attention custom call), "pallas" (a Mosaic/Triton kernel, e.g.
-    splash), else "xla" (plain HLO dots and softmax). The planner and the device check say
-    what was compiled, not what was configured."""
+    "cudnn" (a cuDNN fused-attention custom call), "cpu_flash" (models/cpu_flash.py's C++
+    kernel), "pallas" (a Mosaic/Triton kernel, e.g. splash), else "xla" (plain HLO dots and
+    softmax). The planner and the device check say what was compiled, not what was
+    configured."""
     targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo_text)))
     cudnn = [t for t in targets if "cudnn$fmha" in t]
     if cudnn:
         return "cudnn", cudnn
+    fused_cpu = [t for t in targets if t.startswith("derta_cpu_flash")]
+    if fused_cpu:
+        return "cpu_flash", fused_cpu
     pallas = [t for t in targets if t.startswith(("tpu_custom_call", "mosaic_gpu",
                                                    "triton_kernel_call", "__gpu$xla.gpu.triton"))]
     if pallas:

@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 FAMILIES = ("llama", "mistral", "mixtral")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "splash")  # auto: models/attention.resolve_attention_impl
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "cpu_flash", "splash")  # auto: see
+# models/attention.resolve_attention_impl
 
 
 @dataclasses.dataclass(frozen=True)

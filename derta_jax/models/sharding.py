@@ -26,7 +26,7 @@ import math
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 # logical axis name -> mesh axes (a tuple: a dimension may be split over several axes).
 DEFAULT_RULES: dict[str, tuple[str, ...]] = {
@@ -169,3 +169,40 @@ def kv_cache_shardings(model_config: Any, mesh: Mesh, batch_size: int, max_len: 
                                                    mesh, rules))
     return KVCache(k=kv, v=kv, segment_ids=segments, index=replicated(mesh))
 
+
+
+def kernel_row_axes(rows: int, axes: list, mesh) -> tuple:
+    """The batch axes to split `rows` over for a per-device kernel: all of them when their
+    product divides `rows`, else the larger single axis that does (else none: every device
+    attends every row)."""
+    if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0:
+        return tuple(axes)
+    fitting = [a for a in axes if rows % mesh.shape[a] == 0]
+    return (max(fitting, key=lambda a: mesh.shape[a]),) if fitting else ()
+
+
+def per_device_attention(attend, q: jax.Array, k: jax.Array, v: jax.Array,
+                         segment_ids: jax.Array) -> jax.Array:
+    """attend(q, k, v, segment_ids) -> [B,T,N,Hd], run once per device of the mesh being
+    traced for. Why: an attention kernel is a custom call, which XLA cannot partition, so
+    it runs under jax.shard_map: rows over the batch axes (those whose sizes divide the
+    rows), heads over `tensor` when it divides both the query and the kv heads (else
+    whole). The sequence is never split. Without a mesh, attend runs as it is."""
+    b, _, n, _ = q.shape
+    kv_heads = k.shape[2]
+    mesh = jax.sharding.get_abstract_mesh()
+    free = [] if mesh.empty else [a for a in mesh.axis_names if a not in mesh.manual_axes]
+    if not free:
+        return attend(q, k, v, segment_ids)
+    rows = kernel_row_axes(b, [a for a in BATCH_AXES if a in free and mesh.shape[a] > 1], mesh)
+    tensor = mesh.shape.get("tensor", 1) if "tensor" in free else 1
+    heads = "tensor" if tensor > 1 and n % tensor == 0 and kv_heads % tensor == 0 else None
+    lead = rows if len(rows) > 1 else (rows[0] if rows else None)
+    qkv = P(lead, None, heads, None)
+    segments = P(lead, None)
+    if AxisType.Explicit in mesh.axis_types:  # shard_map wants inputs laid out already
+        q, k, v = (jax.sharding.reshard(x, qkv) for x in (q, k, v))
+        segment_ids = jax.sharding.reshard(segment_ids, segments)
+    per_device = jax.shard_map(attend, in_specs=(qkv, qkv, qkv, segments), out_specs=qkv,
+                               axis_names=frozenset(free), check_vma=False)
+    return per_device(q, k, v, segment_ids)

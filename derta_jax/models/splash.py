@@ -13,9 +13,8 @@ grouped-query attention native (query head h reads kv head h // group), the scal
 1/sqrt(head_dim) applied to q first, as the kernel expects.
 
 Sharding: inside jit the kernel is a custom call, which XLA cannot partition, so it runs
-under jax.shard_map over the mesh being traced for: rows over the batch axes (those whose
-sizes divide the rows), heads over `tensor` when it divides both the query and the kv heads
-(else whole), each device attending its own rows and heads. The sequence is never split.
+per device under shard_map (`sharding.per_device_attention`: rows over the batch axes,
+heads over `tensor` where it divides them; the sequence is never split).
 It is a TPU kernel: `model.attention_impl=splash` on another platform is refused
 (models/attention.resolve_attention_impl).
 
@@ -30,9 +29,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec
-
-from derta_jax.models.sharding import BATCH_AXES
+from derta_jax.models.sharding import per_device_attention
 
 LANES = 128  # the kernel's blocks are multiples of the TPU's 128 lanes
 BLOCK_CHOICES = (512, 256, 128)  # the largest that divides T (512: MaxText's default)
@@ -82,37 +79,10 @@ def _attend(q, k, v, segment_ids, sliding_window: Optional[int], interpret: bool
     return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
-def _row_axes(rows: int, axes: list, mesh) -> tuple:
-    """The batch axes to split `rows` over: all of them when their product divides `rows`,
-    else the larger single axis that does (else none: every device attends every row)."""
-    if axes and rows % math.prod(mesh.shape[a] for a in axes) == 0:
-        return tuple(axes)
-    fitting = [a for a in axes if rows % mesh.shape[a] == 0]
-    return (max(fitting, key=lambda a: mesh.shape[a]),) if fitting else ()
-
-
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                      sliding_window: Optional[int], *, interpret: bool = False) -> jax.Array:
     """q [B,T,N,Hd], k and v [B,T,K,Hd], segment_ids [B,T] -> [B,T,N,Hd]: causal
     self-attention within segments (and the window), by the splash kernel; on a mesh, one
     kernel per device over its rows and heads (module docstring)."""
-    b, t, n, _ = q.shape
-    kv_heads = k.shape[2]
-    mesh = jax.sharding.get_abstract_mesh()
-    free = [] if mesh.empty else [a for a in mesh.axis_names if a not in mesh.manual_axes]
-    if not free:
-        return _attend(q, k, v, segment_ids, sliding_window, interpret)
-    rows = _row_axes(b, [a for a in BATCH_AXES if a in free and mesh.shape[a] > 1], mesh)
-    tensor = mesh.shape.get("tensor", 1) if "tensor" in free else 1
-    heads = "tensor" if tensor > 1 and n % tensor == 0 and kv_heads % tensor == 0 else None
-    lead = rows if len(rows) > 1 else (rows[0] if rows else None)
-    qkv = PartitionSpec(lead, None, heads, None)
-    segments = PartitionSpec(lead, None)
-    if AxisType.Explicit in mesh.axis_types:  # shard_map wants inputs laid out already
-        q, k, v = (jax.sharding.reshard(x, qkv) for x in (q, k, v))
-        segment_ids = jax.sharding.reshard(segment_ids, segments)
-    attend = jax.shard_map(lambda q, k, v, s: _attend(q, k, v, s, sliding_window, interpret),
-                           in_specs=(qkv, qkv, qkv, segments), out_specs=qkv,
-                           axis_names=frozenset(free), check_vma=False)
-    return attend(q, k, v, segment_ids)
-
+    return per_device_attention(
+        lambda q, k, v, s: _attend(q, k, v, s, sliding_window, interpret), q, k, v, segment_ids)
