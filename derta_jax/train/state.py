@@ -38,6 +38,7 @@ from derta_jax.models import sharding as sharding_lib
 from derta_jax.train.config import build_model_config, loss_config
 from derta_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from derta_jax.train.step import BATCH_KEYS, LossFunction, TrainState, loss_function, make_train_step
+from derta_jax.xla_flags import step_compiler_options
 
 BATCH_DTYPES = {"input_ids": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.bool_,
                 "rto_mask": jnp.bool_, "positions": jnp.int32, "segment_ids": jnp.int32}
@@ -235,9 +236,11 @@ def assemble(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, total_s
                               loss_fn=loss_fn, aux_loss_coef=model_cfg.router_aux_loss_coef,
                               micro_batch_constraint=constrain, prepare_model=prepare,
                               model_parts=model_parts, aligned_parts=aligned_parts)
+    platform = mesh.devices.flat[0].platform
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings,
                                             {k: batch_sharding for k in BATCH_KEYS}),
-                     out_shardings=(state_shardings, None), donate_argnums=(0,))
+                     out_shardings=(state_shardings, None), donate_argnums=(0,),
+                     compiler_options=step_compiler_options(platform) or None)
     return Assembly(config, mesh, model_cfg, settings, graphdef, optimizer,
                     learning_rate_schedule(config.optim, total_steps), abstract_params,
                     abstract_frozen, state_shardings, frozen_shardings, batch_sharding, jitted)
