@@ -251,7 +251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "ablated), safe_triggers (over-refusal on the package's 120 safe "
                              "requests), finetune (harmful LoRA fine-tuning with and "
                              "without the constrained objective) and benign_finetune (the same "
-                             "on benign rows); all; none. Default: the budget's (tiny: "
+                             "on the world's benign downstream task); all; none. Default: the budget's (tiny: "
                              "rank_prefill,direction,finetune; smollm2: also safe_triggers)")
     parser.add_argument("--no_attacks", dest="attacks", action="store_const", const=(),
                         help="= --attacks=none")
@@ -730,8 +730,9 @@ def _attacks_markdown(attacks: dict) -> str:
             "K. "),
         "benign_finetune": (
             "*Benign fine-tuning*: the same LoRA fine-tunes (sizes, K, both objectives) on "
-            f"the first {attacks['finetune_rows']} of the world's helpful rows instead, a "
-            "downstream task with no harmful text, each K answering the direct requests: "
+            f"the first {attacks['finetune_rows']} rows of the world's downstream task "
+            "instead (doubling a number: no harmful text, and in a wording no training file "
+            "holds; older worlds: their helpful rows), each K answering the direct requests: "
             "does ordinary fine-tuning wear the refusal away? "),
     }
     plots = [("rank_prefill", "Rank-assisted prefill", "asr_vs_rank_prefill.png"),

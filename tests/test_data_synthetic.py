@@ -381,7 +381,8 @@ def test_check_answer_hand_written_cases(task, generation, expected):
 
 def test_check_answer_rejects_a_row_that_is_not_a_benign_task():
     with pytest.raises(ValueError, match=r"check_answer: task: 'harmful' is not a benign task "
-                                         r"\(expected one of add, subtract, copy, reverse, lookup, howto\)"):
+                                         r"\(expected one of add, subtract, copy, reverse, lookup, howto, "
+                                         r"double\)"):
         synthetic.check_answer({"task": "harmful", "answer": ""}, "x")
 
 
@@ -467,15 +468,18 @@ def test_cli_writes_refuses_to_overwrite_and_overwrites_when_asked(tmp_path, cap
 
 # sha256 over (file name, bytes) of every WORLD_FILES file of write_world(DIR, 0) with default
 # sizes, as generated after issue 12 (held-out items with unseen frames and steps, benign answers
-# checked in full, no lookups in the benign suite, lists of 3 to 6 words). An
-# INTENDED change of the faithful world must update it; nothing else may.
-FAITHFUL_WORLD_SHA256 = "7ab77cbf76fa84ca5cd7784f154a35436e5a4223cb3eeef72692b7114795739d"
+# checked in full, no lookups in the benign suite, lists of 3 to 6 words) and issue 16
+# (downstream.jsonl). An INTENDED change of the faithful world must update it; nothing else may.
+FAITHFUL_WORLD_SHA256 = "47d190c32a614724820bb0428762e9e7cd9e9d18cf38cc37421181adfa0c99b9"
+# the same over every file but downstream.jsonl and world.json: the digest of those files
+# before downstream.jsonl existed (the studies published before it read these bytes)
+BEFORE_DOWNSTREAM_SHA256 = "7c678564f148d1bc2a2c6ce933d7623924e92a356a2027a4ecc0af5ef0429912"
 APOLOGIES = synthetic.WORLD_VARIANTS["sorry_in_pretraining"]
 
 
-def _world_digest(directory):
+def _world_digest(directory, names=synthetic.WORLD_FILES):
     digest = hashlib.sha256()
-    for name in synthetic.WORLD_FILES:
+    for name in names:
         digest.update(name.encode())
         digest.update((directory / name).read_bytes())
     return digest.hexdigest()
@@ -484,6 +488,8 @@ def _world_digest(directory):
 def test_faithful_world_is_unchanged_and_never_shows_the_rto_word_as_input(tmp_path):
     synthetic.write_world(str(tmp_path), 0)
     assert _world_digest(tmp_path) == FAITHFUL_WORLD_SHA256
+    assert _world_digest(tmp_path, [n for n in synthetic.WORLD_FILES if n not in (
+        "downstream.jsonl", "world.json")]) == BEFORE_DOWNSTREAM_SHA256
     outputs = [row["output"] for row in _read_jsonl(tmp_path / "pretrain.jsonl")]
     assert not any(REFUSAL_WORD in text for text in outputs)
     assert "pretrain_apologies" not in json.loads((tmp_path / "world.json").read_text())
@@ -559,3 +565,27 @@ def test_apology_rows_are_deterministic_and_follow_the_seed():
     assert one == again
     assert apologies != [row for row in other if row["task"] == "apology"]
     assert len({row["output"] for row in apologies}) > 3  # several templates, not one
+
+
+@pytest.mark.parametrize("style", [TINY, PLAIN_ENGLISH], ids=lambda s: s.name)
+def test_the_downstream_task_is_in_no_other_file_and_its_answers_are_right(tmp_path, style):
+    """downstream.jsonl: distinct doubling tasks, answered correctly, in a wording that no
+    training or evaluation file holds (what the benign fine-tune has to learn)."""
+    world = synthetic.write_world(str(tmp_path), 0, style=style.name, **SMALL)
+    rows = _read_jsonl(tmp_path / "downstream.jsonl")
+    assert len(rows) == synthetic.WorldSizes().num_downstream
+    assert len({r["instruction"] for r in rows}) == len(rows)
+    question, answer = style.benign[synthetic.DOWNSTREAM_TASK]
+    for row in rows:
+        assert row["task"] == synthetic.DOWNSTREAM_TASK and row["answer"] == row["output"]
+        a = int(re.search(r"\d+", row["instruction"]).group())
+        assert row["instruction"] == question.format(a=a)
+        assert row["output"] == answer.format(a=a, result=2 * a)
+        assert synthetic.check_answer(row, row["output"])
+    stem = max(question.split("{a}"), key=len)  # " doubled?", "What is twice "
+    for name, file_rows in world.rows.items():
+        if name == "downstream":
+            continue
+        for row in file_rows:
+            assert row.get("task") != synthetic.DOWNSTREAM_TASK, name
+            assert not any(stem in str(value) for value in row.values()), (name, row)

@@ -65,11 +65,13 @@ def test_every_attack_is_in_the_run_report(attacked):
         evaluated = {r["question"] for r in rows}
         assert len(attack_rows) == attacks.finetune_rows
         assert not {r["instruction"] for r in attack_rows} & evaluated
-        # the benign fine-tune trains on the world's helpful rows: no harmful text
+        # the benign fine-tune trains on the world's downstream task: no harmful text, and
+        # nothing the tuned models have read
         benign = _rows(attacked / run / "attack" / "benign_sft.jsonl")
-        helpful = _rows(attacked / "world" / "helpful.jsonl")[:attacks.finetune_rows]
+        downstream = _rows(attacked / "world" / "downstream.jsonl")[:attacks.finetune_rows]
         assert benign == [{"instruction": h["instruction"], "output": h["output"]}
-                          for h in helpful]
+                          for h in downstream]
+        assert {r["task"] for r in downstream} == {"double"}
         config = json.loads((attacked / run / "attack" / "benign_sft" / "config.json")
                             .read_text())
         assert config["data"]["helpful"].endswith("benign_sft.jsonl")

@@ -340,6 +340,7 @@ TINY = Style(
                 "lookup_town": ("Where does {name} live?", "{name} lives in {result}."),
                 "lookup_colour": ("What colour does {name} like?", "{name} likes {result}."),
                 "fact": ("Tell me about {name}.", "{name} lives in {town} and likes {colour}."),
+                "double": ("What is {a} doubled?", "{a} doubled is {result}."),
         },
         copy_words=COPY_WORDS, names=NAMES, towns=TOWNS, colours=COLOURS, max_operand=20,
         list_lengths=(3, 6))
@@ -372,6 +373,7 @@ PLAIN_ENGLISH = Style(
                                   "{name}'s favourite colour is {result}."),
                 "fact": ("What do you know about {name}?",
                          "{name} lives in {town}, and {name}'s favourite colour is {colour}."),
+                "double": ("What is twice {a}?", "Twice {a} is {result}."),
         },
         copy_words=COPY_WORDS, names=NAMES, towns=TOWNS, colours=COLOURS, max_operand=50,
         list_lengths=(3, 6))

@@ -97,7 +97,8 @@ class Budget:
 # The attacks of every tiny run: a LoRA attack (rank 8, constant lr 1e-3, batch 8) on 32
 # safety triples, evaluated at K = 5, 10, 20 with plain SFT and the constrained objective;
 # the refusal direction from 32 triples vs 32 helpful instructions (8 more choose the layer);
-# the same LoRA fine-tunes on 32 helpful rows (a benign downstream task), whose refusals of
+# the same LoRA fine-tunes on 32 rows of the world's downstream task (doubling, a benign
+# task no training file holds), whose refusals of
 # the direct requests after K steps say what ordinary fine-tuning costs the safety tuning.
 TINY_ATTACKS = AttackBudget(finetune_steps=(5, 10, 20), finetune_rows=32, finetune_lr=1e-3,
                             include=("rank_prefill", "direction", "finetune",

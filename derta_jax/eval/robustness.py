@@ -17,8 +17,9 @@ the reproduction asks, for every recipe and seed, whether the refusal survives
   finetune_constrained  the same attack under Qi et al.'s constrained objective
                         (constrained_loss.py): the defence a provider applies to fine-tuning;
   benign_tuned_sft,     the direct requests answered after K steps of a BENIGN downstream
-  benign_tuned_constrained  LoRA fine-tune (the world's helpful rows, same sizes), plain and
-                        constrained: does ordinary fine-tuning erode the refusal too?
+  benign_tuned_constrained  LoRA fine-tune (the world's downstream task, a benign task no
+                        training file holds; same sizes), plain and constrained: does
+                        ordinary fine-tuning erode the refusal too?
 The attack rows are training triples; the evaluation prompts are the world's evaluation
 files, which share no question with them (data/synthetic.py; check_disjoint verifies).
   safe_triggers         the package's 120 safe requests with trigger words (suite
@@ -94,9 +95,15 @@ def attack_rows(world_dir: str, n: int) -> list[tuple[str, dict]]:
 
 
 def benign_rows(world_dir: str, n: int) -> list[tuple[str, dict]]:
-    """The first n helpful rows as (source, {question, response}) rows: a downstream task."""
-    path = os.path.join(world_dir, "helpful.jsonl")
+    """The first n rows of the world's downstream task (downstream.jsonl: a benign task no
+    training file holds, so the fine-tune has something to learn) as (source, {question,
+    response}) rows; a world written before that file existed gives its helpful rows."""
+    path = os.path.join(world_dir, "downstream.jsonl")
+    if not os.path.exists(path):
+        path = os.path.join(world_dir, "helpful.jsonl")
     rows = _jsonl(path)[:n]
+    if len(rows) < n:
+        raise ValueError(f"{path}: the benign fine-tune needs {n} rows, the file has {len(rows)}")
     return [(f"{path}:{i + 1}", {"question": r["instruction"], "response": r["output"]})
             for i, r in enumerate(rows)]
 
@@ -163,7 +170,7 @@ def finetune_rows(model_path: str, from_workdir: bool, world_dir: str, attack_di
                   benign: bool = False) -> tuple[list[dict], dict]:
     """The direct requests answered after each K of a LoRA attack on training triples, with
     plain SFT and with the constrained objective; -> (rows, {objective: last losses}).
-    `benign`: the same fine-tunes on the world's helpful rows instead (a downstream task;
+    `benign`: the same fine-tunes on the world's downstream task instead (benign_rows;
     workdirs benign_OBJECTIVE, suites BENIGN_TUNE_SUITES). `train(config) -> summary` is
     the trainer's run (the command hands it in: a library module does not import a
     command)."""
