@@ -56,7 +56,8 @@ def test_chunked_equals_the_whole_matrix_with_gradients(length, chunk, window):
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-def test_a_model_gives_the_same_logits_with_either_implementation():
+def test_a_model_gives_the_same_logits_with_every_cpu_implementation():
+    """xla, chunked and cpu_flash (the C++ kernel), a sliding window and packed rows."""
     config = ModelConfig(family="mistral", vocab_size=64, hidden_size=32, intermediate_size=64,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                          sliding_window=9)
@@ -65,10 +66,11 @@ def test_a_model_gives_the_same_logits_with_either_implementation():
     positions = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (2, 300))
     logits = []
     forward = nnx.jit(lambda m, i, p, s: m.logits(m(i, p, s)[0]))
-    for impl in ("xla", "chunked"):
+    for impl in ("xla", "chunked", "cpu_flash"):
         model = Transformer(dataclasses.replace(config, attention_impl=impl), rngs=nnx.Rngs(0))
         logits.append(np.asarray(forward(model, ids, positions, segments)))
-    np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
+    for other in logits[1:]:
+        np.testing.assert_allclose(other, logits[0], atol=1e-5)
 
 
 def test_auto_attention_is_chosen_by_the_platform_traced_for():

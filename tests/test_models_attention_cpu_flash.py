@@ -3,14 +3,15 @@
 Against the whole-matrix path (jax.nn.dot_product_attention with the full mask): values and
 gradients with packed segments, padding, a segment id that comes back later in the row, a
 sliding window, lengths and head dims that are not multiples of the kernel's blocks or
-vector width, GQA, bfloat16 inputs; a whole model's logits; a mesh of 8 fake devices. And
+vector width, GQA, bfloat16 inputs; a mesh of 8 fake devices (a whole model's logits:
+tests/test_models_attention_chunked.py; the kernel found in a compiled step:
+tests/test_device_check.py). And
 the build: "auto" picks the kernel on CPU, and where it cannot be built (a compiler that
 fails) "auto" keeps the chunked path while an explicit cpu_flash names the reason.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,28 +21,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from derta_jax.models import cpu_flash
-from derta_jax.models.attention import (_dot_product_attention, attention_in_hlo,
-                                        attention_mask, resolve_attention_impl)
-from derta_jax.models.config import ModelConfig
-from derta_jax.models.transformer import Transformer
+from derta_jax.models.attention import (_dot_product_attention, attention_mask,
+                                        resolve_attention_impl)
+from tests.test_models_attention_chunked import _segments as packed_segments
 from tests.xla_env import xla_flags
 
 
 def _segments(batch: int, length: int, seed: int) -> np.ndarray:
-    """Packed rows, padding (0) at the end of odd rows; row 2 reuses segment 1 at its end
-    (the mask rule is equality of ids, not contiguity)."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros((batch, length), np.int32)
-    for b in range(batch):
-        cuts = np.sort(rng.choice(np.arange(1, length), 3, replace=False))
-        out[b] = np.searchsorted(cuts, np.arange(length), side="right") + 1
-        if b % 2:
-            out[b, cuts[-1]:] = 0
-        if b == 2:
-            out[b, cuts[-1]:] = 1
+    """The chunked test's packed rows (padding at the end of odd rows), and row 2 reusing
+    segment 1 after its last cut (the mask rule is equality of ids, not contiguity)."""
+    out = packed_segments(batch, length, seed)
+    if batch > 2:
+        last_cut = int(np.flatnonzero(np.diff(out[2]))[-1]) + 1
+        out[2, last_cut:] = 1
     return out
 
 
@@ -96,26 +90,6 @@ def test_bfloat16_inputs_come_back_in_bfloat16_with_the_float32_answer():
     as_f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     ref = jax.jit(_whole(segments, None))(*as_f32)
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=1e-2)
-
-
-def test_a_model_gives_the_xla_logits_and_compiles_the_kernel():
-    config = ModelConfig(family="mistral", vocab_size=64, hidden_size=32, intermediate_size=64,
-                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                         sliding_window=9)
-    ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 300)), jnp.int32)
-    segments = jnp.asarray(_segments(2, 300, 3))
-    positions = jnp.broadcast_to(jnp.arange(300, dtype=jnp.int32), (2, 300))
-    logits, hlo = [], []
-    for impl in ("xla", "auto"):
-        model = Transformer(dataclasses.replace(config, attention_impl=impl), rngs=nnx.Rngs(0))
-        graph, state = nnx.split(model)
-        forward = jax.jit(lambda s, i, p, g: nnx.merge(graph, s).logits(
-            nnx.merge(graph, s)(i, p, g)[0]))
-        logits.append(np.asarray(forward(state, ids, positions, segments)))
-        hlo.append(forward.lower(state, ids, positions, segments).compile().as_text())
-    np.testing.assert_allclose(logits[1], logits[0], atol=1e-5)
-    assert attention_in_hlo(hlo[1])[0] == "cpu_flash"
-    assert attention_in_hlo(hlo[0])[0] == "xla"
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])

@@ -68,7 +68,6 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-@functools.lru_cache(maxsize=None)
 def _build() -> str:
     """Path of the compiled kernel (built once per source/flags/jax/CPU); raises
     KernelUnavailable with the compiler's message when it cannot be built."""
@@ -84,8 +83,11 @@ def _build() -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         scratch = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o",
-                               str(scratch)], capture_output=True, text=True)
+        try:
+            done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o",
+                                   str(scratch)], capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise KernelUnavailable(f"{compiler} could not build {SOURCE.name}: {error}")
         if done.returncode != 0:
             raise KernelUnavailable(f"{compiler} failed on {SOURCE.name}:\n{done.stderr[-2000:]}")
         os.replace(scratch, target)  # atomic: concurrent builders leave one whole file
@@ -93,29 +95,27 @@ def _build() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _register() -> None:
-    library = ctypes.cdll.LoadLibrary(_build())
+def _load() -> Optional[str]:
+    """Builds (once) and registers the kernel's two FFI targets; -> None, or why it cannot
+    (kept: a failed build is not retried at every trace)."""
+    try:
+        library = ctypes.cdll.LoadLibrary(_build())
+    except (KernelUnavailable, OSError) as error:
+        return str(error)
     jax.ffi.register_ffi_target(FORWARD, jax.ffi.pycapsule(library.DertaCpuFlashForward),
                                 platform="cpu")
     jax.ffi.register_ffi_target(BACKWARD, jax.ffi.pycapsule(library.DertaCpuFlashBackward),
                                 platform="cpu")
+    return None
 
 
 def available() -> bool:
     """Whether the kernel is built (or can be) and registered on this machine."""
-    try:
-        _register()
-    except (KernelUnavailable, OSError):
-        return False
-    return True
+    return _load() is None
 
 
 def why_unavailable() -> Optional[str]:
-    try:
-        _register()
-    except (KernelUnavailable, OSError) as error:
-        return str(error)
-    return None
+    return _load()
 
 
 def _attrs(q, window: Optional[int]) -> dict:
@@ -163,6 +163,8 @@ def cpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
                         sliding_window: Optional[int]) -> jax.Array:
     """q [B,T,N,Hd], k and v [B,T,K,Hd], segment_ids [B,T] -> [B,T,N,Hd] by the C++ kernel;
     raises KernelUnavailable (with the reason) where it cannot be built."""
-    _register()
+    reason = _load()
+    if reason is not None:
+        raise KernelUnavailable(reason)
     return per_device_attention(
         lambda q, k, v, s: _attend_one_device(q, k, v, s, sliding_window), q, k, v, segment_ids)
