@@ -442,7 +442,6 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
                          "per_seed": dict(zip(seed_ids, metrics)),
                          "refusal_curve_held_out": curve, "seed_report": by_seed[name],
                          "refusal_positions": positions[name]["refusal_positions"]}
-    draw_plots(out, results, track)
     report = {"format": 1, "budget": _budget_json(budget), "seeds": list(seeds),
               "world_seed": WORLD_SEED, "base_seed": BASE_SEED, "held_out": list(HELD_OUT),
               "judge": rp.JUDGE, "interval": INTERVAL_METHOD,
@@ -463,8 +462,12 @@ def write_outputs(out: str, budget, seeds: Sequence[int], per_run: dict,
         report["template"] = track.template
     from derta_jax.eval.report import _dump_json
 
+    text = _dump_json(report, indent=2)
     with open(os.path.join(out, "report.json"), "w", encoding="utf-8", newline="\n") as f:
-        f.write(_dump_json(report, indent=2) + "\n")
+        f.write(text + "\n")
+    # the plots from the numbers as report.json holds them (rounded to 6 digits), so that
+    # `--replot` draws the same pixels
+    draw_plots(out, json.loads(text)["results"], track)
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8", newline="\n") as f:
         f.write(report_markdown(report))
     write_all_generations(out, per_run)
