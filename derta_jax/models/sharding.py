@@ -170,7 +170,6 @@ def kv_cache_shardings(model_config: Any, mesh: Mesh, batch_size: int, max_len: 
     return KVCache(k=kv, v=kv, segment_ids=segments, index=replicated(mesh))
 
 
-
 def kernel_row_axes(rows: int, axes: list, mesh) -> tuple:
     """The batch axes to split `rows` over for a per-device kernel: all of them when their
     product divides `rows`, else the larger single axis that does (else none: every device
