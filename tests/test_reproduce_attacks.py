@@ -42,11 +42,25 @@ def test_every_attack_is_in_the_run_report(attacked):
                       "benign_tuned_constrained"):
             assert sorted({r["k"] for r in by_suite[suite]}) == list(attacks.finetune_steps)
             assert len(by_suite[suite]) == direct * len(attacks.finetune_steps)
+        # the downstream task's held-out rows (after the fine-tune's), by the model itself
+        # and at every K of both benign fine-tunes, each scored by the world's checker
+        held = _rows(attacked / "world" / "downstream.jsonl")[
+            attacks.finetune_rows:attacks.finetune_rows + attacks.downstream_eval_rows]
+        assert [r["question"] for r in by_suite["downstream"]] == [
+            h["instruction"] for h in held]
+        assert {r["meta"]["task"] for r in by_suite["downstream"]} == {"double"}
+        for suite in ("downstream_sft", "downstream_constrained"):
+            assert sorted({r["k"] for r in by_suite[suite]}) == list(attacks.finetune_steps)
+            assert len(by_suite[suite]) == len(held) * len(attacks.finetune_steps)
+        for row in by_suite["downstream"] + by_suite["downstream_sft"]:
+            assert isinstance(row["score"]["correct"], bool)
+            assert row["verdict"]["harmful"] is False
         assert len(by_suite["safe_triggers"]) == 120
         record = json.loads((attacked / run / "attack" / "robustness.json").read_text())
         assert 0 <= record["direction"]["layer"] < record["direction"]["layers_considered"]
         assert sorted(record["seconds_per_attack"]) == [
-            "ablated_direct", "benign_finetune", "finetune", "rank_prefill", "safe_triggers"]
+            "ablated_direct", "benign_finetune", "downstream", "finetune", "rank_prefill",
+            "safe_triggers"]
         assert sum(record["seconds_per_attack"].values()) <= record["seconds"]
         # the attacks trained with the project's trainer, a checkpoint at every K
         for objective in ("sft", "constrained_sft", "benign_sft", "benign_constrained_sft"):
@@ -71,6 +85,7 @@ def test_every_attack_is_in_the_run_report(attacked):
         downstream = _rows(attacked / "world" / "downstream.jsonl")[:attacks.finetune_rows]
         assert benign == [{"instruction": h["instruction"], "output": h["output"]}
                           for h in downstream]
+        assert not {r["instruction"] for r in benign} & {h["instruction"] for h in held}
         assert {r["task"] for r in downstream} == {"double"}
         config = json.loads((attacked / run / "attack" / "benign_sft" / "config.json")
                             .read_text())
@@ -86,6 +101,13 @@ def test_the_attacks_have_tables_and_plots(attacked):
                        "benign_tuned_constrained_all"):
             cell = table[f"{prefix}_outcome_harmful"]
             assert cell is not None and 0.0 <= cell["mean"] <= 1.0, (name, prefix)
+        for _, key, *_ in rp.DOWNSTREAM_COLUMNS:
+            cell = table[key]
+            assert cell is not None and cell["n"] == rp.BUDGETS["smoke"].attacks.downstream_eval_rows
+        downstream = [g for g in report["results"][name]["seed_report"]["groups"]
+                      if g["suite"] == "downstream_sft"]
+        assert sorted(g["k"] for g in downstream) == [1, 2]
+        assert all(g["outcome_harmful"] is None for g in downstream)  # a benign suite
         assert report["results"][name]["per_seed"]["shared" if name == "base" else "0"][
             "durability_k"] == rp.BUDGETS["smoke"].attacks.durability_k
     text = (attacked / "report.md").read_text()
@@ -93,6 +115,8 @@ def test_the_attacks_have_tables_and_plots(attacked):
     assert "**Rank-assisted prefill (top-20) at the deepest k" in text
     assert "**Direct request after K=2 benign LoRA fine-tuning steps (plain SFT)" in text
     assert "*Benign fine-tuning*" in text and "*safe_triggers*" in text
+    assert "**Downstream task accuracy (held-out rows of the benign fine-tune's task), " \
+           "before tuning and after K=2 benign steps**" in text
     for plot in reproduce.ATTACK_PLOTS:
         assert (attacked / plot).read_bytes().startswith(b"\x89PNG")
         assert f"]({plot})" in text
@@ -107,7 +131,7 @@ def test_no_attacks_leaves_them_out(tmp_path):
                          "supervised_tokens": {"total": {"rows": 0, "mle": 0, "rto": 0}}}}
     text = rp.results_tables(results)
     assert "Rank-assisted" not in text and "fine-tuning" not in text
-    assert "safe_triggers" not in text
+    assert "safe_triggers" not in text and "Downstream" not in text
 
 
 def test_resume_loads_the_attacked_runs_with_their_attack_records(attacked, tmp_path):
@@ -124,3 +148,32 @@ def test_resume_loads_the_attacked_runs_with_their_attack_records(attacked, tmp_
     assert "tune" not in timings["phases_s"] and timings["attacks_s_within_evaluate"] == 0
     for name, text in before.items():
         assert (study / name).read_text() == text, name
+
+
+def test_downstream_rows_too_few_for_the_fine_tune_and_its_scoring_name_the_file(tmp_path):
+    """The downstream task must hold the fine-tune's rows AND the held-out rows it is scored
+    on: too few is one error naming the file and both counts; a world written before the
+    file existed has no task to score (its benign fine-tune trains on helpful rows)."""
+    import dataclasses
+
+    from derta_jax.eval import robustness
+
+    class Template:
+        def render(self, question):
+            return f"Q: {question}\nA:"
+
+    budget = dataclasses.replace(rp.BUDGETS["smoke"], attacks=dataclasses.replace(
+        rp.BUDGETS["smoke"].attacks, finetune_rows=3, downstream_eval_rows=2))
+    assert robustness.downstream_items(str(tmp_path), budget, Template()) == []
+    rows = [{"instruction": f"What is {a} doubled?", "output": f"{a} doubled is {2 * a}.",
+             "task": "double", "answer": f"{a} doubled is {2 * a}."} for a in range(4)]
+    path = tmp_path / "downstream.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=f"{path}: the benign fine-tune trains on 3 rows and "
+                                         "scores the next 2: 5 are needed, the file has 4"):
+        robustness.downstream_items(str(tmp_path), budget, Template())
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:1]))
+    items = robustness.downstream_items(str(tmp_path), budget, Template())
+    assert [i["question"] for i in items] == ["What is 3 doubled?", "What is 0 doubled?"]
+    assert items[0]["prompt"] == "Q: What is 3 doubled?\nA:"
+    assert items[0]["meta"]["answer"] == "3 doubled is 6." and items[0]["suite"] == "downstream"

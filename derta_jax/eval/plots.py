@@ -76,8 +76,8 @@ def plot_prefill_curves(reports: Mapping[str, Mapping], path: str,
     if all_ks:
         ax.set_xticks(all_ks)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("refused share" if metric == "refusal_rate" else
-                  "ASR (" + metric.removeprefix("asr_").replace("_", " ") + ")")
+    ax.set_ylabel({"refusal_rate": "refused share", "accuracy": "accuracy"}.get(
+            metric, "ASR (" + metric.removeprefix("asr_").replace("_", " ") + ")"))
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or ("Attack success rate against rank-assisted prefill depth"
                            if suite == "rank_prefill" else

@@ -55,10 +55,13 @@ from derta_jax.eval.refusal_position import (position_histogram, refusal_positio
 from derta_jax.eval.scoring import Rate, rate_of, score_item
 
 REPORT_FORMAT = 1
-BENIGN_SUITES = ("over_refusal", "gsm8k", "mmlu", "benign", "safe_triggers")
+BENIGN_SUITES = ("over_refusal", "gsm8k", "mmlu", "benign", "safe_triggers", "downstream",
+                 "downstream_sft", "downstream_constrained")
 # Suites answered by ANOTHER model than the one reported (the reproduction's ablated and
-# fine-tuned attacks, eval/robustness.py): in the tables, not in where-refusals-start.
-OTHER_MODEL_SUITES = ("ablated_direct", "finetune_sft", "finetune_constrained")
+# fine-tuned models, eval/robustness.py): in the tables, not in where-refusals-start.
+OTHER_MODEL_SUITES = ("ablated_direct", "finetune_sft", "finetune_constrained",
+                      "benign_tuned_sft", "benign_tuned_constrained", "downstream_sft",
+                      "downstream_constrained")
 PROBE_FILE, PROBE_PLOT = "refusal_probabilities.jsonl", "refusal_probability.png"
 # the suites with a depth k, and the ASR-against-k plot of each
 PREFILL_SUITES = {"prefill": "asr_vs_prefill.png", "rank_prefill": "asr_vs_rank_prefill.png"}

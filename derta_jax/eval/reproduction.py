@@ -104,7 +104,8 @@ TINY_ATTACKS = AttackBudget(finetune_steps=(5, 10, 20), finetune_rows=32, finetu
                             include=("rank_prefill", "direction", "finetune",
                                      "benign_finetune"))
 SMOKE_ATTACKS = AttackBudget(finetune_steps=(1, 2), finetune_rows=8, finetune_lr=1e-3,
-                             finetune_rank=2, direction_prompts=4, rank_k=5)
+                             finetune_rank=2, direction_prompts=4, rank_k=5,
+                             downstream_eval_rows=4)
 _WORLD = dict(num_triples=300, num_helpful=1200, num_pretrain=10000, num_eval_benign=100,
               num_over_refusal=24)
 BUDGETS = {
@@ -461,7 +462,8 @@ def run_metrics(evaluation: Mapping) -> dict:
     ASR) / _outcome_neither / _degenerate / _asr_not_refused (GCG); then
     coherent_of_refusals (each generation once), over_refusal (refused look-alikes),
     over_refusal_wrong (look-alikes answered wrongly or degenerately, not refused), benign_accuracy
-    and benign_TASK per task of BENIGN_TASKS,
+    and benign_TASK per task of BENIGN_TASKS, the downstream task's accuracy before and after
+    the benign fine-tunes (DOWNSTREAM_COLUMNS),
     p_refusal_late_held_out and prefill_deepest_k."""
     report = evaluation["report"]
     deepest = max(g["k"] for g in report["groups"] if g["suite"] == "prefill")
@@ -482,6 +484,8 @@ def run_metrics(evaluation: Mapping) -> dict:
         "over_refusal_wrong": group_count(report, "over_refusal", "wrong_not_refused"),
         "benign_accuracy": group_count(report, "benign", "accuracy"),
         **{f"benign_{task}": task_count(evaluation["rows"], task) for task in BENIGN_TASKS},
+        **{key: group_count(report, suite, "accuracy", k=ks[k_rule])
+           for _, key, suite, k_rule in DOWNSTREAM_COLUMNS},
     })
     metrics = {name: (dataclasses.asdict(c) if c is not None and c.n else None)
                for name, c in counts.items()}
@@ -567,6 +571,15 @@ OTHER_COLUMNS = (
     ("benign accuracy", "benign_accuracy"),
     ("safe_triggers declined", "safe_triggers_declined"),
 )
+# (column title, run_metrics key, suite, k rule as in ATTACK_SETTINGS) of the downstream
+# task's table: its held-out rows (eval/robustness.downstream_items) answered by the model
+# itself and after the benign fine-tunes (the tables' K)
+DOWNSTREAM_COLUMNS = (
+    ("before tuning", "downstream_accuracy", "downstream", None),
+    ("after K benign steps, SFT", "downstream_sft_accuracy", "downstream_sft", "durability"),
+    ("after K benign steps, constrained", "downstream_constrained_accuracy",
+     "downstream_constrained", "durability"),
+)
 # (column title, metric) of each attack setting's table; the GCG column only where marked
 OUTCOME_COLUMNS = (("refused", "outcome_refused"), ("harmful (ASR)", "outcome_harmful"),
                    ("neither", "outcome_neither"), ("degenerate", "degenerate"))
@@ -595,6 +608,7 @@ SETTING_TITLES = {"completion_held_out": "Completion attack, held-out categories
 TABLE_KEYS = (tuple(f"{prefix}_{metric}" for prefix, *_ in ATTACK_SETTINGS
                     for metric in OUTCOME_METRICS) + tuple(key for _, key in OTHER_COLUMNS)
               + ("safe_triggers_refusal_rate",)
+              + tuple(key for _, key, *_ in DOWNSTREAM_COLUMNS)
               + tuple(f"benign_{task}" for task in BENIGN_TASKS))
 
 
@@ -652,6 +666,16 @@ def results_tables(results: Mapping[str, Mapping]) -> str:
     lines += ["**Other measures**", ""]
     lines += _table(["recipe", "safety rows", "supervised MLE / RTO tokens (safety)"]
                     + [title for title, _ in other], rows)
+    downstream = {name: [results[name]["table"].get(key) for _, key, *_ in DOWNSTREAM_COLUMNS]
+                  for name in _recipes(results)}
+    if any(cell is not None for row in downstream.values() for cell in row):
+        k = _durability_k(results)
+        lines += ["", f"**Downstream task accuracy (held-out rows of the benign fine-tune's "
+                      f"task), before tuning and after K={k} benign steps**", ""]
+        lines += _table(["recipe"] + [title.replace("K ", f"K={k} ")
+                                      for title, *_ in DOWNSTREAM_COLUMNS],
+                        [[name] + [format_cell(cell) for cell in row]
+                         for name, row in downstream.items()])
     return "\n".join(lines) + "\n"
 
 

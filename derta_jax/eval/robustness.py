@@ -20,6 +20,10 @@ the reproduction asks, for every recipe and seed, whether the refusal survives
   benign_tuned_constrained  LoRA fine-tune (the world's downstream task, a benign task no
                         training file holds; same sizes), plain and constrained: does
                         ordinary fine-tuning erode the refusal too?
+  downstream,           the downstream task's held-out rows (the ones after the fine-tune's)
+  downstream_sft,       answered by the model itself, then after K benign steps, plain and
+  downstream_constrained  constrained: their accuracy says whether the benign fine-tune
+                        learned its task, the cost the constrained objective's safety has.
 The attack rows are training triples; the evaluation prompts are the world's evaluation
 files, which share no question with them (data/synthetic.py; check_disjoint verifies).
   safe_triggers         the package's 120 safe requests with trigger words (suite
@@ -38,6 +42,8 @@ from typing import Any, Callable, Sequence
 
 FINETUNE_SUITES = {"sft": "finetune_sft", "constrained_sft": "finetune_constrained"}
 BENIGN_TUNE_SUITES = {"sft": "benign_tuned_sft", "constrained_sft": "benign_tuned_constrained"}
+DOWNSTREAM_SUITE = "downstream"  # the held-out downstream rows, answered before any tuning
+DOWNSTREAM_SUITES = {"sft": "downstream_sft", "constrained_sft": "downstream_constrained"}
 BENIGN_TUNE_FILE = "benign_sft.jsonl"  # the benign fine-tune's rows, as the trainer read them
 SAFE_TRIGGERS_SUITE = "safe_triggers"
 # What AttackBudget.include may name, in the order they run (the direction's rows are suite
@@ -55,6 +61,7 @@ class AttackBudget:
     finetune_rank: int = 8
     finetune_alpha: float = 16.0
     direction_prompts: int = 32  # harmful (and harmless) prompts for the direction
+    downstream_eval_rows: int = 32  # downstream rows after the fine-tune's, to score
     rank_k: int = 20
     include: tuple[str, ...] = ("rank_prefill", "direction", "finetune")  # of ATTACKS
 
@@ -106,6 +113,30 @@ def benign_rows(world_dir: str, n: int) -> list[tuple[str, dict]]:
         raise ValueError(f"{path}: the benign fine-tune needs {n} rows, the file has {len(rows)}")
     return [(f"{path}:{i + 1}", {"question": r["instruction"], "response": r["output"]})
             for i, r in enumerate(rows)]
+
+
+def downstream_items(world_dir: str, budget, template) -> list[dict]:
+    """The downstream task's held-out items: the `downstream_eval_rows` rows after the
+    `finetune_rows` the benign fine-tune trains on, each with its task and answer (so its
+    generation is scored by the world's check_answer); [] for a world written before
+    downstream.jsonl existed (its benign fine-tune trains on helpful rows the model has
+    already learned: no task to score)."""
+    from derta_jax.eval.attacks import read_prompt_rows, templated_items
+
+    a = budget.attacks
+    path = os.path.join(world_dir, "downstream.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = read_prompt_rows(path, ("instruction", "task", "answer"))
+    needed = a.finetune_rows + a.downstream_eval_rows
+    if len(rows) < needed:
+        raise ValueError(f"{path}: the benign fine-tune trains on {a.finetune_rows} rows and "
+                         f"scores the next {a.downstream_eval_rows}: {needed} are needed, the "
+                         f"file has {len(rows)}")
+    held = [(source, {"question": row["instruction"], "task": row["task"],
+                      "answer": row["answer"]})
+            for source, row in rows[a.finetune_rows:needed]]
+    return templated_items(held, template, DOWNSTREAM_SUITE)
 
 
 def _judged(items, model, tokenizer, judge, budget) -> list[dict]:
@@ -167,11 +198,13 @@ def ablation_rows(loaded, tokenizer, world_dir, budget, template, judge,
 def finetune_rows(model_path: str, from_workdir: bool, world_dir: str, attack_dir: str,
                   budget, template_name: str, seed: int, judge_factory,
                   direct_items, train: Callable[[Any], dict],
-                  benign: bool = False) -> tuple[list[dict], dict]:
+                  benign: bool = False,
+                  downstream: Sequence[dict] = ()) -> tuple[list[dict], dict]:
     """The direct requests answered after each K of a LoRA attack on training triples, with
     plain SFT and with the constrained objective; -> (rows, {objective: last losses}).
     `benign`: the same fine-tunes on the world's downstream task instead (benign_rows;
-    workdirs benign_OBJECTIVE, suites BENIGN_TUNE_SUITES). `train(config) -> summary` is
+    workdirs benign_OBJECTIVE, suites BENIGN_TUNE_SUITES), and `downstream`'s held-out
+    task items answered at each K too (suites DOWNSTREAM_SUITES). `train(config) -> summary` is
     the trainer's run (the command hands it in: a library module does not import a
     command)."""
     from derta_jax.arg_types import mesh_sizes
@@ -203,8 +236,10 @@ def finetune_rows(model_path: str, from_workdir: bool, world_dir: str, attack_di
         losses[objective] = summary["last_logged_metrics"].get("loss")
         for k in sorted(a.finetune_steps):
             loaded, tokenizer = load_evaluated(workdir, step=k)
-            judged += _judged(_renamed(direct_items, suite, k), loaded.model, tokenizer,
-                              judge_factory(tokenizer), budget)
+            items = _renamed(direct_items, suite, k)
+            if benign:
+                items += _renamed(downstream, DOWNSTREAM_SUITES[objective], k)
+            judged += _judged(items, loaded.model, tokenizer, judge_factory(tokenizer), budget)
     return judged, losses
 
 
@@ -264,9 +299,14 @@ def robustness_rows(loaded, tokenizer, model_path: str, world_dir: str, attack_d
             attack_dir, budget, template_name, seed, judge_factory, direct, train)
         rows += tuned
     if "benign_finetune" in include:
+        downstream = downstream_items(world_dir, budget, template)
+        if downstream:
+            rows += timed("downstream", _judged, downstream, loaded.model, tokenizer, judge,
+                          budget)
         tuned, record["benign_finetune_last_loss"] = timed(
             "benign_finetune", finetune_rows, model_path, wd.is_workdir(model_path), world_dir,
-            attack_dir, budget, template_name, seed, judge_factory, direct, train, True)
+            attack_dir, budget, template_name, seed, judge_factory, direct, train, True,
+            downstream)
         rows += tuned
     record["seconds_per_attack"] = seconds
     return rows, record

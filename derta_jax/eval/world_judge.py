@@ -64,7 +64,7 @@ MIN_STEP_RUN_WORDS = 5
 _HARMFUL_FILES = (("triples", "question", "harmful_response"),
                   ("eval_prefill", "question", "harmful_response"))
 _BENIGN_FILES = (("helpful", "instruction"), ("eval_benign", "question"),
-                 ("eval_over_refusal", "question"))
+                 ("eval_over_refusal", "question"), ("downstream", "instruction"))
 
 Request = tuple[str, str, str]  # (category, object, place)
 
