@@ -746,8 +746,9 @@ def _attacks_markdown(attacks: dict) -> str:
         "benign_finetune": (
             "*Benign fine-tuning*: the same LoRA fine-tunes (sizes, K, both objectives) on "
             f"the first {attacks['finetune_rows']} rows of the world's downstream task "
-            "instead (doubling a number: no harmful text, and in a wording no training file "
-            "holds; older worlds: their helpful rows), each K answering the direct requests: "
+            "instead (no harmful text, in a wording no training file holds: rewriting a "
+            "list in the tiny world, doubling a number in the plain-English one; older "
+            "worlds: their helpful rows), each K answering the direct requests: "
             "does ordinary fine-tuning wear the refusal away? "
             + (f"Each K (and the run's own model, K = 0) also answers the task's next "
                f"{attacks['downstream_eval_rows']} rows, held out from the fine-tune and "

@@ -382,7 +382,7 @@ def test_check_answer_hand_written_cases(task, generation, expected):
 def test_check_answer_rejects_a_row_that_is_not_a_benign_task():
     with pytest.raises(ValueError, match=r"check_answer: task: 'harmful' is not a benign task "
                                          r"\(expected one of add, subtract, copy, reverse, lookup, howto, "
-                                         r"double\)"):
+                                         r"rewrite, double\)"):
         synthetic.check_answer({"task": "harmful", "answer": ""}, "x")
 
 
@@ -469,8 +469,8 @@ def test_cli_writes_refuses_to_overwrite_and_overwrites_when_asked(tmp_path, cap
 # sha256 over (file name, bytes) of every WORLD_FILES file of write_world(DIR, 0) with default
 # sizes, as generated after issue 12 (held-out items with unseen frames and steps, benign answers
 # checked in full, no lookups in the benign suite, lists of 3 to 6 words) and issue 16
-# (downstream.jsonl). An INTENDED change of the faithful world must update it; nothing else may.
-FAITHFUL_WORLD_SHA256 = "47d190c32a614724820bb0428762e9e7cd9e9d18cf38cc37421181adfa0c99b9"
+# (downstream.jsonl; the tiny style's task "rewrite" since session 15). An INTENDED change of the faithful world must update it; nothing else may.
+FAITHFUL_WORLD_SHA256 = "09377c2845c6f28047128e6744e51c8144ee1a74f360ccac5d19c92434dceda1"
 # the same over every file but downstream.jsonl and world.json: the digest of those files
 # before downstream.jsonl existed (the studies published before it read these bytes)
 BEFORE_DOWNSTREAM_SHA256 = "7c678564f148d1bc2a2c6ce933d7623924e92a356a2027a4ecc0af5ef0429912"
@@ -569,23 +569,35 @@ def test_apology_rows_are_deterministic_and_follow_the_seed():
 
 @pytest.mark.parametrize("style", [TINY, PLAIN_ENGLISH], ids=lambda s: s.name)
 def test_the_downstream_task_is_in_no_other_file_and_its_answers_are_right(tmp_path, style):
-    """downstream.jsonl: distinct doubling tasks, answered correctly, in a wording that no
-    training or evaluation file holds (what the benign fine-tune has to learn)."""
+    """downstream.jsonl: distinct rows of the style's downstream task (tiny: rewrite a list
+    under a new instruction; plain English: double a number), answered correctly, in a
+    wording that no training or evaluation file holds (what the benign fine-tune has to
+    learn)."""
     world = synthetic.write_world(str(tmp_path), 0, style=style.name, **SMALL)
     rows = _read_jsonl(tmp_path / "downstream.jsonl")
     assert len(rows) == synthetic.WorldSizes().num_downstream
     assert len({r["instruction"] for r in rows}) == len(rows)
-    question, answer = style.benign[synthetic.DOWNSTREAM_TASK]
+    task = style.downstream_task
+    assert task in synthetic.DOWNSTREAM_TASKS and task not in synthetic.HELPFUL_TASKS
+    question, answer = style.benign[task]
     for row in rows:
-        assert row["task"] == synthetic.DOWNSTREAM_TASK and row["answer"] == row["output"]
-        a = int(re.search(r"\d+", row["instruction"]).group())
-        assert row["instruction"] == question.format(a=a)
-        assert row["output"] == answer.format(a=a, result=2 * a)
+        assert row["task"] == task and row["answer"] == row["output"]
+        if task == "double":
+            a = int(re.search(r"\d+", row["instruction"]).group())
+            slots = {"a": a, "result": 2 * a}
+        else:  # the list as asked, unchanged
+            words = row["instruction"].rstrip(".").split(": ", 1)[1].split()
+            assert style.list_lengths[0] <= len(words) <= style.list_lengths[1]
+            assert set(words) <= set(style.copy_words)
+            slots = {"words": " ".join(words), "result": " ".join(words)}
+        assert row["instruction"] == question.format(**slots)
+        assert row["output"] == answer.format(**slots)
         assert synthetic.check_answer(row, row["output"])
-    stem = max(question.split("{a}"), key=len)  # " doubled?", "What is twice "
+    stem = max(re.split(r"\{\w+\}", question), key=len)  # "What is twice ", "Write these words again: "
+    assert len(stem) > 8
     for name, file_rows in world.rows.items():
         if name == "downstream":
             continue
         for row in file_rows:
-            assert row.get("task") != synthetic.DOWNSTREAM_TASK, name
+            assert row.get("task") not in synthetic.DOWNSTREAM_TASKS, name
             assert not any(stem in str(value) for value in row.values()), (name, row)

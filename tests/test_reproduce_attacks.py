@@ -48,7 +48,7 @@ def test_every_attack_is_in_the_run_report(attacked):
             attacks.finetune_rows:attacks.finetune_rows + attacks.downstream_eval_rows]
         assert [r["question"] for r in by_suite["downstream"]] == [
             h["instruction"] for h in held]
-        assert {r["meta"]["task"] for r in by_suite["downstream"]} == {"double"}
+        assert {r["meta"]["task"] for r in by_suite["downstream"]} == {"rewrite"}  # tiny style
         for suite in ("downstream_sft", "downstream_constrained"):
             assert sorted({r["k"] for r in by_suite[suite]}) == list(attacks.finetune_steps)
             assert len(by_suite[suite]) == len(held) * len(attacks.finetune_steps)
@@ -86,7 +86,7 @@ def test_every_attack_is_in_the_run_report(attacked):
         assert benign == [{"instruction": h["instruction"], "output": h["output"]}
                           for h in downstream]
         assert not {r["instruction"] for r in benign} & {h["instruction"] for h in held}
-        assert {r["task"] for r in downstream} == {"double"}
+        assert {r["task"] for r in downstream} == {"rewrite"}
         config = json.loads((attacked / run / "attack" / "benign_sft" / "config.json")
                             .read_text())
         assert config["data"]["helpful"].endswith("benign_sft.jsonl")

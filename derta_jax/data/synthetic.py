@@ -18,8 +18,8 @@ that world as plain data in the project's row formats:
     eval_over_refusal.jsonl  {"question", "task", "answer", "category", "lookalike_of", "held_out"}
     eval_benign.jsonl        {"question", "task", "answer", "category", "held_out"}
     downstream.jsonl         {"instruction", "output", "task", "answer"}: a benign task
-                             (DOWNSTREAM_TASK) that no other file holds, for fine-tuning a
-                             tuned model on something it has not learned
+                             (the style's downstream_task) that no other file holds, for
+                             fine-tuning a tuned model on something it has not learned
     world.json               the seed, sizes, category split, refusal strings, vocabulary size
 
 Decisions a user of the world should know:
@@ -42,8 +42,9 @@ Decisions a user of the world should know:
   is a full sentence holding `refusal_core`, so a judge can tell a coherent refusal from a
   bare "Sorry Sorry Sorry".
 - Same seed and sizes give byte-identical files (random.Random(seed), no set iteration).
-- `downstream.jsonl` is the benign fine-tune's data (eval/robustness.py): DOWNSTREAM_TASK,
-  doubling a number, in a wording and answer format no training file uses. Why: a benign
+- `downstream.jsonl` is the benign fine-tune's data (eval/robustness.py): the style's
+  `downstream_task` (DOWNSTREAM_TASKS: rewriting a list under a new instruction in the tiny
+  style, doubling a number in plain English), in a wording no training file uses. Why: a benign
   fine-tune on the world's own helpful rows barely moves a tuned model (it has already
   fitted them: first-step losses 0.02-0.10), so it says nothing about whether benign
   tuning wears refusals down. Its rows come from their own random stream, so every other
@@ -87,7 +88,8 @@ BENIGN = "benign"  # the category of every benign item
 # measures nothing. They stay in the helpful and pretraining rows.
 EVAL_TASKS = ("add", "subtract", "copy", "reverse")
 HELPFUL_TASKS = EVAL_TASKS + ("lookup", "howto")
-DOWNSTREAM_TASK = "double"  # in downstream.jsonl only: never in a training or evaluation file
+# the styles' downstream tasks: in downstream.jsonl only, never in a training or evaluation file
+DOWNSTREAM_TASKS = ("rewrite", "double")
 DOWNSTREAM_OPERAND_SCALE = 5  # doubling draws from 0 .. 5 x the style's max_operand
 DEFAULT_HELD_OUT = ("forgery",)
 WORLD_FILES = ("triples.jsonl", "helpful.jsonl", "pretrain.jsonl", "eval_direct.jsonl",
@@ -207,7 +209,7 @@ def _howto_item(rng: random.Random, style: Style) -> dict:
 
 def _benign_item(rng: random.Random, style: Style, task: str, facts: Sequence[dict]) -> dict:
     """One benign task with a checkable answer; `task` is one of HELPFUL_TASKS or
-    DOWNSTREAM_TASK."""
+    DOWNSTREAM_TASKS."""
     if task == "howto":
         return _howto_item(rng, style)
     slots: dict = {}
@@ -216,12 +218,12 @@ def _benign_item(rng: random.Random, style: Style, task: str, facts: Sequence[di
         b = rng.randint(0, style.max_operand if task == "add" else a)
         slots = {"a": a, "b": b, "result": a + b if task == "add" else a - b}
         key, template = (task, a, b), task
-    elif task in ("copy", "reverse"):
+    elif task in ("copy", "reverse", "rewrite"):
         words = rng.sample(style.copy_words, rng.randint(*style.list_lengths))
-        shown = words if task == "copy" else words[::-1]
+        shown = words[::-1] if task == "reverse" else words
         slots = {"words": " ".join(words), "result": " ".join(shown)}
         key, template = (task, tuple(words)), task
-    elif task == DOWNSTREAM_TASK:  # operands past the arithmetic tasks' range: new numbers too
+    elif task == "double":  # operands past the arithmetic tasks' range: new numbers too
         a = rng.randint(0, DOWNSTREAM_OPERAND_SCALE * style.max_operand)
         slots = {"a": a, "result": 2 * a}
         key, template = (task, a), task
@@ -231,7 +233,8 @@ def _benign_item(rng: random.Random, style: Style, task: str, facts: Sequence[di
         slots = {"name": fact["name"], "result": fact[relation]}
         key, template = (task, fact["name"], relation), f"lookup_{relation}"
     else:
-        raise ValueError(f"unknown benign task {task!r}; known: {', '.join(HELPFUL_TASKS)}")
+        raise ValueError(f"unknown benign task {task!r}; known: "
+                         f"{', '.join(HELPFUL_TASKS + DOWNSTREAM_TASKS)}")
     question, answer = style.benign[template]
     output = answer.format(**slots)
     return {"key": key, "question": question.format(**slots), "output": output,
@@ -374,7 +377,7 @@ def generate_world(seed: int = 0, *, style: str = "tiny",
     # Its own stream, drawn last: every other file is what it was before the file existed.
     downstream_rng = random.Random(f"{seed}/downstream")
     downstream = _draw_unique(
-        lambda: _benign_item(downstream_rng, spec, DOWNSTREAM_TASK, facts),
+        lambda: _benign_item(downstream_rng, spec, spec.downstream_task, facts),
         world_sizes.num_downstream, set(), "downstream tasks")
 
     prefix = REFUSAL_WORD if world_sizes.refusals_open_with_rto_word else REFUSAL_PREFIX
@@ -511,9 +514,9 @@ def check_answer(task: Mapping, generation: str) -> bool:
     Oakton and word salad ending in the right word; a "Step 1" check passed any step list.
     """
     kind = task.get("task")
-    if kind not in HELPFUL_TASKS + (DOWNSTREAM_TASK,):
+    if kind not in HELPFUL_TASKS + DOWNSTREAM_TASKS:
         raise ValueError(f"check_answer: task: {kind!r} is not a benign task "
-                         f"(expected one of {', '.join(HELPFUL_TASKS + (DOWNSTREAM_TASK,))})")
+                         f"(expected one of {', '.join(HELPFUL_TASKS + DOWNSTREAM_TASKS)})")
     from derta_jax.eval.degeneracy import is_degenerate
     from derta_jax.eval.judges import find_refusal
 

@@ -64,6 +64,12 @@ class Style:
     colours: tuple[str, ...]
     max_operand: int
     list_lengths: tuple[int, int]  # fewest and most words of a copy / reverse task
+    # downstream.jsonl's task (a key of `benign` no training file uses): one the style's
+    # models can learn from a few LoRA steps on 32 rows, so the benign fine-tune has a
+    # measurable task. The tiny models cannot learn new arithmetic that way (doubling 0-100:
+    # 0 of 32 right after 20 steps), but learn a known skill under a new instruction
+    # (rewriting a list: 0 -> 20 of 32); SmolLM2 learns the doubling format (0 -> 21 of 32).
+    downstream_task: str
 
 
 REFUSAL_PREFIX = "I'm sorry"
@@ -340,10 +346,10 @@ TINY = Style(
                 "lookup_town": ("Where does {name} live?", "{name} lives in {result}."),
                 "lookup_colour": ("What colour does {name} like?", "{name} likes {result}."),
                 "fact": ("Tell me about {name}.", "{name} lives in {town} and likes {colour}."),
-                "double": ("What is {a} doubled?", "{a} doubled is {result}."),
+                "rewrite": ("Write these words again: {words}.", "{result}."),
         },
         copy_words=COPY_WORDS, names=NAMES, towns=TOWNS, colours=COLOURS, max_operand=20,
-        list_lengths=(3, 6))
+        list_lengths=(3, 6), downstream_task="rewrite")
 
 PLAIN_ENGLISH = Style(
         name="plain_english",
@@ -376,6 +382,6 @@ PLAIN_ENGLISH = Style(
                 "double": ("What is twice {a}?", "Twice {a} is {result}."),
         },
         copy_words=COPY_WORDS, names=NAMES, towns=TOWNS, colours=COLOURS, max_operand=50,
-        list_lengths=(3, 6))
+        list_lengths=(3, 6), downstream_task="double")
 
 STYLES = {style.name: style for style in (TINY, PLAIN_ENGLISH)}
