@@ -171,6 +171,11 @@ LORA_BUDGETS = {
     # each tuned run ~740 s, ~2.1 hours for the 10 (docs/robustness.md). Fewer new tokens
     # would cut more, but a harmful answer's first step ends 30-37 tokens in and the
     # look-alikes' helpful answers run to 49: 32 keeps most of both readable.
+    # Re-measured at the CPU defaults of issue 14 (session 15, load 1.5-1.8, nothing else
+    # running), with the benign fine-tune added: the base run 577 s (attacks 464: harmful
+    # fine-tuning 173, benign fine-tuning 191 and its downstream scoring 9, rank-assisted
+    # prefill 41, the direction 26, safe_triggers 23), a DeRTa run 610 s (tuning 135,
+    # attacks 408): ~1.7 hours for the 10 runs.
     # --resume continues an interrupted track.
     "default": LoraBudget(name="default", world=dict(_LORA_WORLD, num_eval_harmful=2,
                                                      num_eval_held_out=40,
@@ -180,9 +185,7 @@ LORA_BUDGETS = {
                           prefill_depths=(0, 10, 30),
                           attacks=AttackBudget(finetune_steps=(5, 10), finetune_rows=16,
                                                finetune_lr=2e-4, finetune_batch=4,
-                                               direction_prompts=16,
-                                               include=("rank_prefill", "direction",
-                                                        "safe_triggers", "finetune"))),
+                                               direction_prompts=16, include=ATTACKS)),
     # For CI: every step of the pipeline, numbers meaningless.
     "smoke": LoraBudget(name="smoke",
                         world=dict(num_triples=12, num_helpful=24, num_pretrain=40,
