@@ -511,7 +511,8 @@ def draw_plots(out: str, results: Mapping[str, Mapping], track: Track) -> list[s
             ("benign_tuned_constrained", "benign_tuning_constrained.png", "benign",
              "constrained")):
         if attacked(suite):
-            prefill_plot({name: _as_k0(sr, "direct", suite) for name, sr in attacked(suite).items()},
+            prefill_plot({name: _as_k0(sr, "direct", suite)
+                          for name, sr in attacked(suite).items()},
                          file, suite=suite, xlabel=f"{tuning} LoRA fine-tuning steps K",
                          title=f"Direct requests after K {tuning} steps ({how})")
     for suite, file, how in (("downstream_sft", "downstream_accuracy_sft.png", "SFT"),

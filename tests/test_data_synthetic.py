@@ -469,7 +469,8 @@ def test_cli_writes_refuses_to_overwrite_and_overwrites_when_asked(tmp_path, cap
 # sha256 over (file name, bytes) of every WORLD_FILES file of write_world(DIR, 0) with default
 # sizes, as generated after issue 12 (held-out items with unseen frames and steps, benign answers
 # checked in full, no lookups in the benign suite, lists of 3 to 6 words) and issue 16
-# (downstream.jsonl; the tiny style's task "rewrite" since session 15). An INTENDED change of the faithful world must update it; nothing else may.
+# (downstream.jsonl; the tiny style's task "rewrite" since session 15). An INTENDED change of
+# the faithful world must update it; nothing else may.
 FAITHFUL_WORLD_SHA256 = "09377c2845c6f28047128e6744e51c8144ee1a74f360ccac5d19c92434dceda1"
 # the same over every file but downstream.jsonl and world.json: the digest of those files
 # before downstream.jsonl existed (the studies published before it read these bytes)
@@ -593,7 +594,8 @@ def test_the_downstream_task_is_in_no_other_file_and_its_answers_are_right(tmp_p
         assert row["instruction"] == question.format(**slots)
         assert row["output"] == answer.format(**slots)
         assert synthetic.check_answer(row, row["output"])
-    stem = max(re.split(r"\{\w+\}", question), key=len)  # "What is twice ", "Write these words again: "
+    # the longest literal part: "What is twice ", "Write these words again: "
+    stem = max(re.split(r"\{\w+\}", question), key=len)
     assert len(stem) > 8
     for name, file_rows in world.rows.items():
         if name == "downstream":

@@ -103,7 +103,8 @@ def test_the_attacks_have_tables_and_plots(attacked):
             assert cell is not None and 0.0 <= cell["mean"] <= 1.0, (name, prefix)
         for _, key, *_ in rp.DOWNSTREAM_COLUMNS:
             cell = table[key]
-            assert cell is not None and cell["n"] == rp.BUDGETS["smoke"].attacks.downstream_eval_rows
+            held_out = rp.BUDGETS["smoke"].attacks.downstream_eval_rows
+            assert cell is not None and cell["n"] == held_out
         downstream = [g for g in report["results"][name]["seed_report"]["groups"]
                       if g["suite"] == "downstream_sft"]
         assert sorted(g["k"] for g in downstream) == [1, 2]

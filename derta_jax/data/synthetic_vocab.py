@@ -68,7 +68,9 @@ class Style:
     # models can learn from a few LoRA steps on 32 rows, so the benign fine-tune has a
     # measurable task. The tiny models cannot learn new arithmetic that way (doubling 0-100:
     # 0 of 32 right after 20 steps), but learn a known skill under a new instruction
-    # (rewriting a list: 0 -> 20 of 32); SmolLM2 learns the doubling format (0 -> 21 of 32).
+    # (rewriting a list: 0 -> about a third right after 20 steps,
+    # docs/robustness/tiny_downstream/); SmolLM2 learns the doubling format (0 -> 21 of 32
+    # after 10).
     downstream_task: str
 
 

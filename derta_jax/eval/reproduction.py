@@ -98,9 +98,10 @@ class Budget:
 # safety triples, evaluated at K = 5, 10, 20 with plain SFT and the constrained objective;
 # the refusal direction from 32 triples vs 32 helpful instructions (8 more choose the layer);
 # the same LoRA fine-tunes on 32 rows of the world's downstream task ("Write these words
-# again: ...", a benign instruction no training file holds), whose refusals of the direct requests after K steps say
-# what ordinary fine-tuning costs the safety tuning; the task's next 32 rows, held out from
-# it, are scored before and after (did it learn the task, and what does constraining cost?).
+# again: ...", a benign instruction no training file holds), whose refusals of the direct
+# requests after K steps say what ordinary fine-tuning costs the safety tuning; the task's
+# next 32 rows, held out from it, are scored before and after (did it learn the task, and
+# what does constraining cost?).
 TINY_ATTACKS = AttackBudget(finetune_steps=(5, 10, 20), finetune_rows=32, finetune_lr=1e-3,
                             include=("rank_prefill", "direction", "finetune",
                                      "benign_finetune"))
