@@ -210,6 +210,21 @@ def with_settings(budget, settings: Sequence[tuple[str, str]]):
     return dataclasses.replace(budget, name=f"{budget.name} with {', '.join(applied)}")
 
 
+def _check_downstream_rows(budget) -> None:
+    """The benign fine-tune's rows and the held-out rows it is scored on must fit in the
+    world's downstream task: checked before anything is trained (robustness.downstream_items
+    would find it only at the first run's attacks)."""
+    from derta_jax.data.synthetic import WorldSizes
+
+    a = budget.attacks
+    have = budget.world.get("num_downstream", WorldSizes().num_downstream)
+    if a.finetune_rows + a.downstream_eval_rows > have:
+        raise ValueError(f"--set attacks.finetune_rows={a.finetune_rows}, attacks."
+                         f"downstream_eval_rows={a.downstream_eval_rows}: the benign fine-tune "
+                         f"needs {a.finetune_rows + a.downstream_eval_rows} rows of the "
+                         f"downstream task, the world has {have} (world.num_downstream)")
+
+
 def _typed(value: str, kind: type):
     if kind is bool:
         if value.lower() not in ("true", "false"):
@@ -819,6 +834,8 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         budget = dataclasses.replace(budget, attacks=(
             dataclasses.replace(budget.attacks, include=tuple(attacks)) if attacks else None))
     attacks = budget.attacks is not None
+    if attacks and "benign_finetune" in budget.attacks.include:
+        _check_downstream_rows(budget)
     if rto_keep_rate is not None:
         if not 0.0 < rto_keep_rate <= 1.0:
             raise ValueError(f"--rto_keep_rate={rto_keep_rate}: must be in (0, 1]")

@@ -152,6 +152,9 @@ def test_budget_of_the_other_track_is_rejected(tmp_path, capsys):
     (["--set", "world.refusals_open_with_rto_word=yes"],
      "--set world.refusals_open_with_rto_word=yes: world.refusals_open_with_rto_word takes "
      "true or false (now False)"),
+    (["--set", "attacks.downstream_eval_rows=60"],
+     "--set attacks.finetune_rows=8, attacks.downstream_eval_rows=60: the benign fine-tune "
+     "needs 68 rows of the downstream task, the world has 64 (world.num_downstream)"),
 ])
 def test_bad_budget_setting_is_one_error_naming_the_flag(tmp_path, capsys, flags, message):
     assert reproduce.main([f"--out={tmp_path / 'x'}", "--model=smollm2", "--budget=smoke",
