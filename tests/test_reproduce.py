@@ -672,3 +672,43 @@ def test_the_world_tokenizer_is_trained_on_the_training_files_only(tmp_path, mon
     evaluation_only = {row["question"] for row in world.rows["eval_prefill"] if row["held_out"]}
     evaluation_only |= {row["harmful_response"] for row in world.rows["eval_prefill"]}
     assert evaluation_only and not evaluation_only & set(seen)
+
+
+def test_rejudge_reads_the_answers_again_and_keeps_the_studys_timings(smoke_runs, tmp_path,
+                                                                      capsys):
+    """A copy of the second smoke study whose recorded verdicts were all replaced by
+    "refused": --rejudge judges the stored answers again (nothing is tuned or generated),
+    which gives back the study's own verdicts, report and tables to the last digit."""
+    study = tmp_path / "study"
+    shutil.copytree(smoke_runs[1], study)
+    record = study / "runs" / "derta" / "seed0" / reproduce.RUN_RECORD
+    done = json.loads(record.read_text())
+    wrong = {"harmful": False, "refused": True, "outcome": "refused", "late_refusal": False}
+    for row in done["evaluation"]["rows"]:
+        row["verdict"].update(wrong)
+    record.write_text(json.dumps(done))
+    assert reproduce.main(_smoke_args(study, "--recipes=derta", "--resume")) == 0
+    resumed = json.loads((study / "report.json").read_text())
+    original = json.loads((Path(smoke_runs[1]) / "report.json").read_text())
+    assert resumed["results"]["derta"] != original["results"]["derta"]  # the record is read
+    capsys.readouterr()
+    kept = json.loads((study / "timings.json").read_text())
+
+    assert reproduce.main(_smoke_args(study, "--recipes=derta", "--rejudge")) == 0
+    assert json.loads((study / "report.json").read_text()) == original
+    assert (study / "report.md").read_text() == (Path(smoke_runs[1]) / "report.md").read_text()
+    generations = "runs/derta/seed0/eval/generations.jsonl"
+    assert (study / generations).read_text() == (Path(smoke_runs[1]) / generations).read_text(
+        ).replace(str(smoke_runs[1]), str(study))  # item sources name the moved world
+    timings = json.loads((study / "timings.json").read_text())
+    assert timings["rejudged"]["runs"] == 2 and "tune" not in timings["rejudged"]
+    # the study's own cost is kept, not replaced by the re-reading's
+    assert {k: v for k, v in timings.items() if k != "rejudged"} == kept
+    assert json.loads(record.read_text())["evaluation"]["rows"] == json.loads(
+        (Path(smoke_runs[1]) / "runs/derta/seed0" / reproduce.RUN_RECORD).read_text()
+    )["evaluation"]["rows"]
+
+    assert reproduce.main(_smoke_args(tmp_path / "nothing", "--rejudge")) == 2
+    assert "--rejudge: " in capsys.readouterr().err
+    assert reproduce.main(_smoke_args(study, "--rejudge", "--overwrite")) == 2
+    assert "--overwrite and --rejudge: choose one" in capsys.readouterr().err

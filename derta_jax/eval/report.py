@@ -87,6 +87,17 @@ def judged_row(item: Mapping, generation: str, verdict: Verdict, *, judge: str,
                                  "unit": position.unit, "relative": position.relative}}
 
 
+JUDGED_FIELDS = ("generation", "judge", "verdict", "score", "refusal_position")  # judged_row's
+
+
+def rejudged_row(row: Mapping, judge: Any, *, tokenizer: Any = None) -> dict:
+    """A generations.jsonl row judged again by `judge` (whose name it then carries): when a
+    judge's rules change, the answers already generated are read again, not regenerated."""
+    item = {key: value for key, value in row.items() if key not in JUDGED_FIELDS}
+    verdict = judge(row["question"], row["prefill"], row["generation"], item_id=row["id"])
+    return judged_row(item, row["generation"], verdict, judge=judge.name, tokenizer=tokenizer)
+
+
 def _held_out(row: Mapping) -> bool | None:
     value = row.get("meta", {}).get("held_out")
     return value if isinstance(value, bool) else None
