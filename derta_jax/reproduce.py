@@ -732,6 +732,10 @@ def report_markdown(report: dict) -> str:
           f"![{what} against prefill depth, held-out categories](asr_vs_prefill_held_out.png)\n"
           "![Where refusals start](refusal_positions.png)\n"
           "![P(refusal) along held-out harmful answers](refusal_probability.png)\n")
+    if "damaged_control_diverged" in report:
+        text += ("\n**The damaged control diverged**: its training loss became non-finite "
+                 f"({report['damaged_control_diverged']}), so it has no row, and this study "
+                 "cannot show that its helpfulness measures see a loss.\n")
     if budget.get("attacks"):
         text += _attacks_markdown(budget["attacks"])
     return text
@@ -1006,9 +1010,9 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
 
 
 def _matching_study(out: str, study: dict, flag: str = "resume") -> bool:
-    """--resume (or --rejudge, `flag`): True when OUT holds a study made as `study` says; False when OUT has no
-    study file (a fresh start; prepare_out then refuses a non-empty OUT); ValueError naming
-    the first difference otherwise."""
+    """--resume (or --rejudge, `flag`): True when OUT holds a study made as `study` says;
+    False when OUT has no study file (a fresh start; prepare_out then refuses a non-empty
+    OUT); ValueError naming the first difference otherwise."""
     path = os.path.join(out, STUDY_FILE)
     if not os.path.isfile(path):
         return False

@@ -712,3 +712,36 @@ def test_rejudge_reads_the_answers_again_and_keeps_the_studys_timings(smoke_runs
     assert "--rejudge: " in capsys.readouterr().err
     assert reproduce.main(_smoke_args(study, "--rejudge", "--overwrite")) == 2
     assert "--overwrite and --rejudge: choose one" in capsys.readouterr().err
+
+
+def test_a_damaged_control_that_diverges_is_recorded_reported_and_not_retried(
+        smoke_runs, tmp_path, monkeypatch):
+    """The negative control trains at 100x the learning rate and may blow up: the study
+    goes on, report.json and report.md say so, and a resumed study does not retry it."""
+    from derta_jax.train.loop import NonFiniteLossError
+
+    study = tmp_path / "study"
+    shutil.copytree(smoke_runs[1], study)
+    calls, real_tune = [], reproduce.tune
+
+    def tune(out, budget, base_hf, name, *args, **kwargs):
+        calls.append(name)
+        if name == rp.DAMAGED_NAME:
+            raise NonFiniteLossError("loss nan at step 3")
+        return real_tune(out, budget, base_hf, name, *args, **kwargs)
+
+    monkeypatch.setattr(reproduce, "tune", tune)
+    args = _smoke_args(study, f"--recipes=derta,{rp.DAMAGED_NAME}", "--resume")
+    assert reproduce.main(args) == 0
+    assert calls == [rp.DAMAGED_NAME]  # derta was loaded, the control tried once
+    report = json.loads((study / "report.json").read_text())
+    assert report["damaged_control_diverged"] == "loss nan at step 3"
+    assert set(report["results"]) == {rp.BASE_NAME, "derta"}
+    assert "The damaged control diverged" in (study / "report.md").read_text()
+    record = study / "runs" / rp.DAMAGED_NAME / "seed0" / reproduce.RUN_RECORD
+    assert json.loads(record.read_text())["evaluation"] == {"diverged": "loss nan at step 3"}
+    calls.clear()
+    assert reproduce.main(args) == 0  # resumed again: the recorded divergence stands
+    assert calls == [] and json.loads((study / "report.json").read_text()) == report
+    assert reproduce.main([*args[:-1], "--rejudge"]) == 0  # re-judging skips it too
+    assert calls == [] and json.loads((study / "report.json").read_text()) == report
