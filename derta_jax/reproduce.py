@@ -902,6 +902,19 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
         return os.path.join(out, *parts, "attack") if attacks else None
 
     loaded_runs, attack_seconds = 0, 0.0
+    if rejudge:  # every run asked for must be finished: --rejudge never trains
+        records = [os.path.join(out, "base", "eval", RUN_RECORD)]
+        records += [os.path.join(out, "runs", name, f"seed{seed}", RUN_RECORD)
+                    for name, *_ in tuning_runs(recipes) for seed in seeds]
+        if track.damaged_control and rp.DAMAGED_NAME in recipes:
+            records.append(os.path.join(out, "runs", rp.DAMAGED_NAME, f"seed{seeds[0]}",
+                                        RUN_RECORD))
+        missing = [os.path.relpath(os.path.dirname(path), out) for path in records
+                   if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"--rejudge: {out} has no finished run {', '.join(missing)}; "
+                             f"--rejudge reads finished runs only: pass the study's own "
+                             f"--recipes and --seeds, or finish it with --resume")
     rejudged = {"runs": 0, "seconds": 0.0}
     tokenizers = []  # the judges' tokenizer, loaded once when a run is re-judged
 
@@ -1000,7 +1013,7 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
     timings_path = os.path.join(out, "timings.json")
     if rejudge:
         rejudged.update(total_s=timings["total_s"], load_average=timings["load_average"])
-        if loaded_runs == len(per_run) and os.path.isfile(timings_path):
+        if os.path.isfile(timings_path):
             timings = _read_json(timings_path)  # the study's cost stays what it was
         timings["rejudged"] = rejudged
     with open(timings_path, "w", encoding="utf-8") as f:

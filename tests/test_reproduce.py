@@ -675,7 +675,7 @@ def test_the_world_tokenizer_is_trained_on_the_training_files_only(tmp_path, mon
 
 
 def test_rejudge_reads_the_answers_again_and_keeps_the_studys_timings(smoke_runs, tmp_path,
-                                                                      capsys):
+                                                                      capsys, monkeypatch):
     """A copy of the second smoke study whose recorded verdicts were all replaced by
     "refused": --rejudge judges the stored answers again (nothing is tuned or generated),
     which gives back the study's own verdicts, report and tables to the last digit."""
@@ -694,6 +694,11 @@ def test_rejudge_reads_the_answers_again_and_keeps_the_studys_timings(smoke_runs
     capsys.readouterr()
     kept = json.loads((study / "timings.json").read_text())
 
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("--rejudge tuned a model")
+
+    monkeypatch.setattr(reproduce, "tune", no_tuning)
+    monkeypatch.setattr(rp, "evaluate_run", no_tuning)  # nor generated an answer
     assert reproduce.main(_smoke_args(study, "--recipes=derta", "--rejudge")) == 0
     assert json.loads((study / "report.json").read_text()) == original
     assert (study / "report.md").read_text() == (Path(smoke_runs[1]) / "report.md").read_text()
@@ -710,6 +715,11 @@ def test_rejudge_reads_the_answers_again_and_keeps_the_studys_timings(smoke_runs
 
     assert reproduce.main(_smoke_args(tmp_path / "nothing", "--rejudge")) == 2
     assert "--rejudge: " in capsys.readouterr().err
+    # a run the study does not hold is refused, before anything is rewritten
+    before = (study / "report.json").read_text()
+    assert reproduce.main(_smoke_args(study, "--recipes=derta,vanilla", "--rejudge")) == 2
+    assert "has no finished run runs/vanilla/seed0" in capsys.readouterr().err
+    assert (study / "report.json").read_text() == before
     assert reproduce.main(_smoke_args(study, "--rejudge", "--overwrite")) == 2
     assert "--overwrite and --rejudge: choose one" in capsys.readouterr().err
 
@@ -743,5 +753,8 @@ def test_a_damaged_control_that_diverges_is_recorded_reported_and_not_retried(
     calls.clear()
     assert reproduce.main(args) == 0  # resumed again: the recorded divergence stands
     assert calls == [] and json.loads((study / "report.json").read_text()) == report
+    kept = json.loads((study / "timings.json").read_text())
     assert reproduce.main([*args[:-1], "--rejudge"]) == 0  # re-judging skips it too
     assert calls == [] and json.loads((study / "report.json").read_text()) == report
+    timings = json.loads((study / "timings.json").read_text())
+    assert timings.pop("rejudged")["runs"] == 2 and timings == kept  # the study's own kept

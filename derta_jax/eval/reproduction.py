@@ -400,10 +400,10 @@ def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, nam
 def rejudge_run(evaluation: Mapping, world_dir: str, out_dir: str, tokenizer: Any) -> dict:
     """`evaluate_run`'s result with every row judged again by today's judge of its kind
     (the world judge of `world_dir`, or the keyword judge of the safe_triggers rows) and the
-    report in `out_dir` written again from them (its refusal_probabilities.jsonl, which no
-    judge reads, is kept): a finished study re-read after a judge's rules changed."""
+    report in `out_dir` written again from them and the run's P(refusal) curves, which no
+    judge reads: a finished study re-read after a judge's rules changed."""
     from derta_jax.eval.judges import make_judge
-    from derta_jax.eval.report import PROBE_FILE, rejudged_row, write_report
+    from derta_jax.eval.report import rejudged_row, write_report
 
     judges = {JUDGE: make_judge(JUDGE, directory=world_dir, tokenizer=tokenizer),
               "keyword": make_judge("keyword", tokenizer=tokenizer)}
@@ -415,10 +415,11 @@ def rejudge_run(evaluation: Mapping, world_dir: str, out_dir: str, tokenizer: An
         rows.append(rejudged_row(row, judges[row["judge"]], tokenizer=tokenizer))
     before = evaluation["report"]
     probe = None
-    if "refusal_probe" in before:
-        with open(os.path.join(out_dir, PROBE_FILE), encoding="utf-8") as f:
-            probe = {"refusal": before["refusal_probe"]["refusal"],
-                     "rows": [json.loads(line) for line in f if line.strip()]}
+    if "refusal_probe" in before:  # as evaluate_run built it, at full precision
+        probe = {"refusal": before["refusal_probe"]["refusal"],
+                 "rows": [{"question": question, "held_out": True, "p_refusal": row}
+                          for (question, _), row in zip(held_out_answers(world_dir),
+                                                        evaluation["refusal_probabilities"])]}
     report = write_report(rows, out_dir, model=before["model"], overwrite=True,
                           refusal_probe=probe)
     return {**evaluation, "report": report, "rows": rows}
