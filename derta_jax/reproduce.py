@@ -921,9 +921,9 @@ def reproduce(out: str, seeds: Sequence[int] = (0, 1, 2), budget_name: str = "de
     def rejudged_run(evaluation: dict, eval_dir: str) -> dict:
         started = time.perf_counter()
         if not tokenizers:
-            from transformers import AutoTokenizer
+            from derta_jax.data.tokenizer_builder import load_tokenizer
 
-            tokenizers.append(AutoTokenizer.from_pretrained(base_hf, trust_remote_code=False))
+            tokenizers.append(load_tokenizer(base_hf))
         evaluation = rp.rejudge_run(evaluation, world_dir, eval_dir, tokenizers[0])
         rejudged["runs"] += 1
         rejudged["seconds"] += time.perf_counter() - started

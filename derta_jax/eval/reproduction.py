@@ -350,6 +350,14 @@ def run_refusal_probabilities(loaded, tokenizer, template, answers) -> list[list
                          f"evaluated run: {err}") from None
 
 
+def refusal_probe(refusal: str, answers: Sequence[tuple[str, str]],
+                  probabilities: Sequence[Sequence[float]]) -> dict:
+    """write_report's `refusal_probe`: the refusal word and one row per held-out answer."""
+    return {"refusal": refusal,
+            "rows": [{"question": question, "held_out": True, "p_refusal": row}
+                     for (question, _), row in zip(answers, probabilities)]}
+
+
 def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, name: str,
                  template_name: str = TEMPLATE, *, attack_dir: Optional[str] = None,
                  seed: int = 0, train: Optional[Callable[[Any], dict]] = None) -> dict:
@@ -389,9 +397,7 @@ def evaluate_run(workdir: str, world_dir: str, out_dir: str, budget: Budget, nam
     answers = held_out_answers(world_dir)
     probabilities = run_refusal_probabilities(loaded, tokenizer,
                                               make_template(template_name, tokenizer), answers)
-    probe = {"refusal": loaded.run.refusal_string or DEFAULT_REFUSAL,
-             "rows": [{"question": question, "held_out": True, "p_refusal": row}
-                      for (question, _), row in zip(answers, probabilities)]}
+    probe = refusal_probe(loaded.run.refusal_string or DEFAULT_REFUSAL, answers, probabilities)
     report = write_report(rows, out_dir, model=name, overwrite=True, refusal_probe=probe)
     return {"report": report, "rows": rows, "refusal_probabilities": probabilities,
             "attack_seconds": attack_seconds}
@@ -416,10 +422,8 @@ def rejudge_run(evaluation: Mapping, world_dir: str, out_dir: str, tokenizer: An
     before = evaluation["report"]
     probe = None
     if "refusal_probe" in before:  # as evaluate_run built it, at full precision
-        probe = {"refusal": before["refusal_probe"]["refusal"],
-                 "rows": [{"question": question, "held_out": True, "p_refusal": row}
-                          for (question, _), row in zip(held_out_answers(world_dir),
-                                                        evaluation["refusal_probabilities"])]}
+        probe = refusal_probe(before["refusal_probe"]["refusal"], held_out_answers(world_dir),
+                              evaluation["refusal_probabilities"])
     report = write_report(rows, out_dir, model=before["model"], overwrite=True,
                           refusal_probe=probe)
     return {**evaluation, "report": report, "rows": rows}
